@@ -1,0 +1,38 @@
+"""AdaKron: Kronecker-product bottleneck adapters for Hugging Face transformers models."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter  # noqa: E402
+from .config import AdaKronConfig  # noqa: E402
+from .inject import (  # noqa: E402
+    adapter_names,
+    adapter_parameters,
+    add_adapter,
+    remove_adapter,
+    set_trainable,
+    trainable_parameters,
+    unload,
+)
+from .switching import active_adapter, disable_adapters, predict, route_rows, set_active_adapter, use_adapter  # noqa: E402
+
+__all__ = [
+    "AdaKronConfig",
+    "AdapterLoadError",
+    "active_adapter",
+    "adapter_names",
+    "adapter_parameters",
+    "add_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "predict",
+    "read_adapter",
+    "remove_adapter",
+    "route_rows",
+    "save_adapter",
+    "set_active_adapter",
+    "set_trainable",
+    "trainable_parameters",
+    "unload",
+    "use_adapter",
+    "__version__",
+]

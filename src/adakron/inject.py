@@ -1,0 +1,247 @@
+"""Adding adapters to a transformers model in place, removing them, and counting what trains."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .adapter import KronAdapter, default_initializer_range
+from .config import AdaKronConfig
+from .layer import AdaKronLayer, TaskHeads, label_projections
+from .targets import WRAPPABLE, candidate_names, default_patterns, matches, output_width
+
+STATE_ATTR = "adakron_state"
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
+class AdapterState:
+    """What adakron keeps on a model: each adapter's resolved config, and how the bare model was."""
+
+    configs: dict[str, AdaKronConfig] = field(default_factory=dict)
+    sites: dict[str, list[str]] = field(default_factory=dict)
+    active: str | None = None
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    base_labels: dict[str, Any] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module) -> AdapterState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("This model has no AdaKron adapters; call adakron.add_adapter(model, config) first.")
+    return state
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    state = getattr(model, STATE_ATTR, None)
+    return list(state.configs) if state else []
+
+
+def adakron_layers(model: nn.Module) -> list[AdaKronLayer]:
+    return [m for m in model.modules() if isinstance(m, AdaKronLayer)]
+
+
+def task_heads(model: nn.Module) -> list[TaskHeads]:
+    return [m for m in model.modules() if isinstance(m, TaskHeads)]
+
+
+def find_sites(model: nn.Module, config: AdaKronConfig, heads: list[str]) -> list[str]:
+    """Names of the modules the config targets; raises, listing candidates, if there are none."""
+    if config.target_modules is not None:
+        patterns: list[Any] = [config.target_modules]
+    else:
+        patterns = default_patterns(getattr(model.config, "model_type", None), config.placement)
+    # Nothing inside a wrapper (its adapters, its original) or inside a task head is a site.
+    skip = tuple(h + "." for h in heads)
+    sites = []
+    for name, module in model.named_modules():
+        if name.startswith(skip) or name in heads:
+            continue
+        if isinstance(module, (AdaKronLayer, TaskHeads)):
+            skip += (name + ".",)
+        if isinstance(module, (AdaKronLayer, *WRAPPABLE)) and any(matches(name, p) for p in patterns):
+            sites.append(name)
+    if not sites:
+        raise ValueError(
+            f"target_modules {config.target_modules or patterns!r} matched no Linear/Conv1D module. "
+            f"Candidates: {', '.join(candidate_names(model))}"
+        )
+    return sites
+
+
+def head_names(model: nn.Module, config: AdaKronConfig) -> list[str]:
+    """The task head: given, or every top-level module outside the base model that owns its own parameters
+    (BERT `classifier`, DeBERTa `pooler`+`classifier`, GPT-2/LLaMA `score`; a tied LM head is not one)."""
+    children = dict(model.named_children())
+    if config.head_modules is not None:
+        missing = [h for h in config.head_modules if h not in children]
+        if missing:
+            raise ValueError(f"head_modules {missing} are not top-level modules; choose from {sorted(children)}.")
+        return list(config.head_modules)
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    base_params = {id(p) for p in base.parameters()}
+    return [
+        name for name, module in children.items()
+        if module is not base and any(id(p) not in base_params for p in module.parameters())
+    ]
+
+
+def _base_num_labels(model: nn.Module) -> int:
+    return getattr(model, "num_labels", None) or getattr(model.config, "num_labels", 2)
+
+
+def resolve_labels(model: nn.Module, config: AdaKronConfig) -> AdaKronConfig:
+    """Fill in num_labels, label_names and problem_type from the model where the config leaves them open."""
+    num_labels = config.num_labels or (len(config.label_names) if config.label_names else _base_num_labels(model))
+    names = config.label_names
+    if names is None:
+        id2label = getattr(model.config, "id2label", None) or {}
+        names = tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)) if (
+            len(id2label) == num_labels) else tuple(f"LABEL_{i}" for i in range(num_labels))
+    problem_type = config.problem_type or ("regression" if num_labels == 1 else "single_label_classification")
+    return config.replace(num_labels=num_labels, label_names=names, problem_type=problem_type)
+
+
+def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str = "default") -> nn.Module:
+    """Add an AdaKron adapter (and its own copy of the task head) to ``model`` in place; returns the model.
+
+    The backbone is frozen; the new adapter and its head train and become active. Every check runs
+    before the model is touched, so a failed call leaves it as it was.
+    """
+    config = config or AdaKronConfig()
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"Adapter name {name!r} must be letters, digits, '_' or '-', e.g. 'rte'.")
+    if name in adapter_names(model):
+        raise ValueError(f"An adapter named {name!r} already exists; remove_adapter it first or pick another name.")
+    heads = head_names(model, config)
+    sites = find_sites(model, config, heads)
+    config = resolve_labels(model, config).replace(head_modules=tuple(heads))
+    base_labels = _base_num_labels_of(state_of(model)) if adapter_names(model) else _base_num_labels(model)
+    originals = [_original_head(model.get_submodule(h)) for h in heads]
+    if config.num_labels != base_labels and not any(label_projections(h, base_labels) for h in originals):
+        raise ValueError(f"Cannot give this model's head {config.num_labels} outputs: no Linear in {heads} has "
+                         f"{base_labels}. Build the model with num_labels={config.num_labels} instead.")
+    init_range = config.initializer_range or default_initializer_range(model.config)
+
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        state = AdapterState(
+            original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+            base_labels=_label_settings(model),
+        )
+        setattr(model, STATE_ATTR, state)
+    for site in sites:
+        layer = _wrap(model, site, AdaKronLayer)
+        base = layer.base_layer
+        layer.adakron_adapters[name] = KronAdapter(output_width(base), config, init_range).to(
+            device=base.weight.device, dtype=_adapter_dtype(base))
+    for head in heads:
+        _wrap(model, head, TaskHeads).add(name, config.num_labels, _base_num_labels_of(state), init_range)
+    state.configs[name] = config
+    state.sites[name] = sites
+    set_trainable(model, name)
+    from .switching import set_active_adapter  # switching builds on this module
+
+    set_active_adapter(model, name)
+    return model
+
+
+def _original_head(module: nn.Module) -> nn.Module:
+    return module.original_module if isinstance(module, TaskHeads) else module
+
+
+def _adapter_dtype(base: nn.Module):
+    # Half-precision backbones keep fp32 adapters: they train, and small updates survive.
+    return base.weight.dtype if base.weight.dtype.is_floating_point and base.weight.element_size() >= 4 else None
+
+
+def _base_num_labels_of(state: AdapterState) -> int:
+    return state.base_labels["num_labels"]
+
+
+def _label_settings(model: nn.Module) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "num_labels": _base_num_labels(model),
+        "id2label": dict(getattr(cfg, "id2label", {}) or {}),
+        "label2id": dict(getattr(cfg, "label2id", {}) or {}),
+        "problem_type": getattr(cfg, "problem_type", None),
+    }
+
+
+def _wrap(model: nn.Module, path: str, wrapper: type[nn.Module]) -> Any:
+    module = model.get_submodule(path)
+    if isinstance(module, wrapper):
+        return module
+    wrapped = wrapper(module)
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapped)
+    return wrapped
+
+
+def set_trainable(model: nn.Module, name: str) -> None:
+    """Freeze everything, then let adapter ``name`` and its head train."""
+    if name not in state_of(model).configs:
+        raise ValueError(f"No adapter named {name!r}; adapters: {adapter_names(model)}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in adakron_layers(model):
+        if name in module.adakron_adapters:
+            module.adakron_adapters[name].requires_grad_(True)
+    for module in task_heads(model):
+        if name in module.heads:
+            module.heads[name].requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors count once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> int:
+    """Parameters of adapter ``name`` alone (no head)."""
+    return sum(
+        p.numel() for layer in adakron_layers(model) if name in layer.adakron_adapters
+        for p in layer.adakron_adapters[name].parameters()
+    )
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    state = state_of(model)
+    if name not in state.configs:
+        raise ValueError(f"No adapter named {name!r}; adapters: {adapter_names(model)}.")
+    for layer in adakron_layers(model):
+        if name in layer.adakron_adapters:
+            del layer.adakron_adapters[name]
+    for heads in task_heads(model):
+        if name in heads.heads:
+            del heads.heads[name]
+    del state.configs[name]
+    del state.sites[name]
+    if state.active == name:
+        from .switching import set_active_adapter
+
+        set_active_adapter(model, next(iter(state.configs), None))
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and head copy, putting the original modules back exactly as they were."""
+    state = state_of(model)
+    from .switching import set_active_adapter
+
+    set_active_adapter(model, None)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, (AdaKronLayer, TaskHeads)):
+            original = module.base_layer if isinstance(module, AdaKronLayer) else module.original_module
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, original)
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
+    delattr(model, STATE_ATTR)
+    return model

@@ -1,0 +1,51 @@
+"""Tiny randomly initialised models of every supported family; no network, no tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99)
+TINY = {
+    "bert": (transformers.BertConfig, _SIZES),
+    "roberta": (transformers.RobertaConfig, {**_SIZES, "pad_token_id": 1}),
+    "xlm-roberta": (transformers.XLMRobertaConfig, {**_SIZES, "pad_token_id": 1}),
+    "electra": (transformers.ElectraConfig, {**_SIZES, "embedding_size": 16}),
+    "deberta-v2": (transformers.DebertaV2Config, _SIZES),
+    "distilbert": (transformers.DistilBertConfig, dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=99)),
+    "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=99, pad_token_id=0,
+                                           bos_token_id=0, eos_token_id=0)),
+    "llama": (transformers.LlamaConfig, {**_SIZES, "num_key_value_heads": 2, "pad_token_id": 0}),
+    "mistral": (transformers.MistralConfig, {**_SIZES, "num_key_value_heads": 2, "pad_token_id": 0}),
+    "qwen2": (transformers.Qwen2Config, {**_SIZES, "num_key_value_heads": 2, "pad_token_id": 0}),
+    "bart": (transformers.BartConfig, dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                           decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                                           vocab_size=99, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
+}
+FAMILIES = sorted(TINY)
+
+
+def tiny_model(family: str = "bert", num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    config_class, kwargs = TINY[family]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(config_class(**kwargs, num_labels=num_labels))
+    return model.eval()
+
+
+def tiny_batch(family: str = "bert", batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, length), generator=generator)
+    if family == "bart":
+        ids[:, -1] = 2  # BART classifies from the eos token
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

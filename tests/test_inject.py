@@ -1,0 +1,165 @@
+import re
+
+import pytest
+import torch
+from conftest import TINY, tiny_batch, tiny_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import adakron
+from adakron import AdaKronConfig
+from adakron.layer import AdaKronLayer, TaskHeads
+
+FFN_SITE = {
+    "bert": r"bert\.encoder\.layer\.\d\.output\.dense",
+    "roberta": r"roberta\.encoder\.layer\.\d\.output\.dense",
+    "xlm-roberta": r"roberta\.encoder\.layer\.\d\.output\.dense",
+    "electra": r"electra\.encoder\.layer\.\d\.output\.dense",
+    "deberta-v2": r"deberta\.encoder\.layer\.\d\.output\.dense",
+    "distilbert": r"distilbert\.transformer\.layer\.\d\.ffn\.lin2",
+    "gpt2": r"transformer\.h\.\d\.mlp\.c_proj",
+    "llama": r"model\.layers\.\d\.mlp\.down_proj",
+    "mistral": r"model\.layers\.\d\.mlp\.down_proj",
+    "qwen2": r"model\.layers\.\d\.mlp\.down_proj",
+    "bart": r"model\.(en|de)coder\.layers\.\d\.fc2",
+}
+
+
+def _sites(model):
+    return [name for name, m in model.named_modules() if isinstance(m, AdaKronLayer)]
+
+
+def _layers(family):
+    return 4 if family == "bart" else 2  # BART: 2 encoder + 2 decoder layers
+
+
+def test_default_placement_is_one_adapter_per_layer_on_the_feed_forward_output(family):
+    model = adakron.add_adapter(tiny_model(family))
+    sites = _sites(model)
+    assert len(sites) == _layers(family)
+    assert all(re.fullmatch(FFN_SITE[family], s) for s in sites), sites
+
+
+def test_houlsby_placement_adds_the_attention_output_projection(family):
+    model = adakron.add_adapter(tiny_model(family), AdaKronConfig(placement="houlsby"))
+    assert len(_sites(model)) == 2 * _layers(family)
+
+
+def test_bert_adapter_sits_before_dropout_residual_and_layernorm():
+    model = adakron.add_adapter(tiny_model("bert"))
+    output = model.bert.encoder.layer[0].output  # BertOutput: LayerNorm(dropout(dense(x)) + input)
+    assert isinstance(output.dense, AdaKronLayer)
+    x, residual = torch.randn(2, 3, 37), torch.randn(2, 3, 32)
+    h = output.dense.base_layer(x)
+    expected = output.LayerNorm(h + output.dense.adakron_adapters["default"](h) + residual)
+    torch.testing.assert_close(output(x, residual), expected)
+
+
+def test_gpt2_conv1d_is_wrapped():
+    model = adakron.add_adapter(tiny_model("gpt2"))
+    assert isinstance(model.transformer.h[0].mlp.c_proj.base_layer, Conv1D)
+    assert not isinstance(model.transformer.h[0].attn.c_proj, AdaKronLayer)
+
+
+def test_adapter_is_identity_at_init_with_identity_init(family):
+    model, batch = tiny_model(family), tiny_batch(family)
+    base = model(**batch).logits
+    adakron.add_adapter(model, AdaKronConfig(init="identity"))
+    assert torch.equal(model(**batch).logits, base)
+
+
+def test_reference_init_changes_the_output_at_step_zero():
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    base = model(**batch).logits
+    adakron.add_adapter(model, AdaKronConfig(init="reference", initializer_range=0.5))
+    assert not torch.allclose(model(**batch).logits, base)
+
+
+def test_only_adapters_and_the_task_head_train(family):
+    model = adakron.add_adapter(tiny_model(family))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all("adakron_" in n or ".heads.default." in n for n in trainable), trainable
+
+
+def test_trainable_parameters_match_the_closed_form(family):
+    model = tiny_model(family, num_labels=3)
+    head = sum(p.numel() for name in adakron.inject.head_names(model, AdaKronConfig())
+               for p in model.get_submodule(name).parameters())
+    total_before = sum(p.numel() for p in model.parameters())
+    adakron.add_adapter(model, AdaKronConfig(rank=16, kron_factor=4))
+    d, r, f, layers = 32, 16, 4, _layers(family)
+    closed_form = layers * (d * (r // f + f) + r // f + f + r * d + d)
+    trainable, total = adakron.trainable_parameters(model)
+    assert adakron.adapter_parameters(model, "default") == closed_form
+    assert trainable == closed_form + head
+    assert total == total_before + closed_form + head
+
+
+def test_target_modules_regex_and_list_work_for_any_model():
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(target_modules=r".*\.intermediate\.dense"))
+    assert _sites(model) == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(target_modules=["layer.1.attention.self.query"]))
+    assert _sites(model) == ["bert.encoder.layer.1.attention.self.query"]
+
+
+def test_pattern_that_matches_nothing_lists_candidates_and_leaves_the_model_unchanged():
+    model = tiny_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"matched no Linear/Conv1D module\. Candidates: .*bert\.encoder\.layer\.\*\."
+                                         r"output\.dense"):
+        adakron.add_adapter(model, AdaKronConfig(target_modules=r".*nope"))
+    assert not any(isinstance(m, (AdaKronLayer, TaskHeads)) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_model_type_without_targets_says_what_to_pass():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = type("Config", (), {"model_type": "mystery"})()
+    with pytest.raises(ValueError, match="pass target_modules"):
+        adakron.add_adapter(model)
+
+
+def test_pattern_matching_only_non_linear_modules_is_rejected():
+    with pytest.raises(ValueError, match="matched no Linear/Conv1D"):
+        adakron.add_adapter(tiny_model("bert"), AdaKronConfig(target_modules=r".*LayerNorm"))
+
+
+def test_unload_restores_the_original_modules_and_outputs(family):
+    model, batch = tiny_model(family), tiny_batch(family)
+    keys, base = set(model.state_dict()), model(**batch).logits
+    adakron.add_adapter(model, AdaKronConfig(initializer_range=0.5))
+    adakron.add_adapter(model, AdaKronConfig(), name="second")
+    adakron.unload(model)
+    assert set(model.state_dict()) == keys
+    assert torch.equal(model(**batch).logits, base)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not hasattr(model, "adakron_state")
+
+
+def test_duplicate_and_invalid_names_are_rejected():
+    model = adakron.add_adapter(tiny_model("bert"), name="rte")
+    with pytest.raises(ValueError, match="already exists"):
+        adakron.add_adapter(model, name="rte")
+    with pytest.raises(ValueError, match="must be letters"):
+        adakron.add_adapter(model, name="a.b")
+
+
+def test_remove_adapter_drops_its_weights_and_head():
+    model = adakron.add_adapter(tiny_model("bert"), name="a")
+    adakron.add_adapter(model, name="b")
+    adakron.remove_adapter(model, "b")
+    assert adakron.adapter_names(model) == ["a"]
+    assert not any(".b." in n for n, _ in model.named_parameters())
+    assert adakron.active_adapter(model) == "a"
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_family_trains_one_step(family):
+    model = adakron.add_adapter(tiny_model(family)).train()
+    batch = tiny_batch(family)
+    loss = model(**batch, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "adakron_up" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
