@@ -49,3 +49,47 @@ def tiny_batch(family: str = "bert", batch: int = 3, length: int = 7, seed: int 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny BERT classifier with a real tokenizer, saved like a hub model, for CLI runs (dropout off so
+    runs are exactly comparable across process counts)."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = transformers.BertTokenizer(vocab=os.path.join(FIXTURES, "tiny_vocab.txt"))
+    config = transformers.BertConfig(**{**_SIZES, "vocab_size": tokenizer.vocab_size}, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+                                     initializer_range=0.2)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def write_rows(path, header: list[str], rows: list[list], sep: str = ",") -> str:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def sentiment_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> list[list[str]]:
+    """Short sentences whose label a model can learn: 'good'/'great' words mean the second label."""
+    import random
+
+    rng = random.Random(seed)
+    filler = "the a movie film plot actor story is was very really quite".split()
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        word = rng.choice(["good", "great", "best", "nice"] if positive else ["bad", "awful", "worst", "terrible"])
+        words = rng.sample(filler, 4) + [word]
+        rng.shuffle(words)
+        rows.append([" ".join(words), labels[int(positive)]])
+    return rows

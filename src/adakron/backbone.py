@@ -29,7 +29,8 @@ def load_tokenizer(name: str | None):
 
 
 def load_classifier(name: str | None, num_labels: int, **kwargs):
-    """A sequence-classification model on the backbone (its head newly initialised)."""
+    """A sequence-classification model on the backbone; a head of another size is replaced by a new one."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
+                                                              ignore_mismatched_sizes=True, **kwargs)

@@ -1,0 +1,203 @@
+"""`adakron train | eval | predict | params | targets | serve`: thin argument parsing over plain functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .data import UsageError
+from .train import METHODS, TrainArgs
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _columns(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="adakron", description="Parameter-efficient fine-tuning with AdaKron adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="fine-tune on a GLUE task or your own data")
+    data = train.add_argument_group("data")
+    data.add_argument("--task", help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+    data.add_argument("--data-dir", help="folder in GLUE layout <dir>/<TASK>/{train,dev}.tsv (default: $GLUE_DIR, "
+                                         "else the hub)")
+    data.add_argument("--train-file", help="your own training data (.csv, .tsv or .jsonl)")
+    data.add_argument("--validation-file", help="your own labelled dev data, same format")
+    data.add_argument("--text-columns", type=_columns, help="one or two text columns, comma-separated")
+    data.add_argument("--label-column", default="label")
+    data.add_argument("--task-type", choices=["classification", "regression"],
+                      help="default: regression for non-integer numeric labels, else classification")
+    data.add_argument("--max-train-samples", type=int)
+    data.add_argument("--max-eval-samples", type=int)
+    method = train.add_argument_group("method")
+    method.add_argument("--model", help="local path or hub id (default: the embedded all-MiniLM-L6-v2)")
+    method.add_argument("--method", default="adakron", choices=METHODS)
+    method.add_argument("--rank", type=int, default=16, help="adapter size r (adakron, adapter)")
+    method.add_argument("--kron-factor", type=int, default=4, help="outer factor width f (adakron)")
+    method.add_argument("--init", default="reference", choices=["reference", "identity"])
+    method.add_argument("--placement", default="ffn", choices=["ffn", "houlsby"])
+    method.add_argument("--lora-r", type=int, default=8)
+    method.add_argument("--lora-alpha", type=int, default=16)
+    recipe = train.add_argument_group("recipe (defaults per task: see README)")
+    recipe.add_argument("--epochs", type=float)
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--max-length", type=int)
+    recipe.add_argument("--warmup-ratio", type=float, default=0.06)
+    recipe.add_argument("--weight-decay", type=float, default=0.1)
+    recipe.add_argument("--seed", type=int, default=42)
+    recipe.add_argument("--eval-steps", type=int, help="evaluate every N steps instead of every epoch")
+    recipe.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length")
+    recipe.add_argument("--group-by-length", action="store_true", help="batch examples of similar length")
+    recipe.add_argument("--gradient-checkpointing", action="store_true")
+    recipe.add_argument("--bf16", action="store_true")
+    recipe.add_argument("--fp16", action="store_true")
+    run = train.add_argument_group("run")
+    run.add_argument("--output-dir", help="default: runs/<task>-<method>")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    run.add_argument("--no-plot", dest="plot", action="store_false")
+
+    ev = sub.add_parser("eval", help="evaluate a trained adapter on labelled data")
+    ev.add_argument("--adapter", required=True, help="a run's output dir")
+    ev.add_argument("--task")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--validation-file")
+    ev.add_argument("--text-columns", type=_columns)
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    ev.add_argument("--max-eval-samples", type=int)
+    ev.add_argument("--batch-size", type=int, default=64)
+
+    pr = sub.add_parser("predict", help="label new data with a trained adapter")
+    pr.add_argument("--adapter", required=True)
+    pr.add_argument("--input", required=True, help=".csv, .tsv or .jsonl with the adapter's text columns")
+    pr.add_argument("--output", required=True, help=".csv, .tsv or .jsonl to write")
+    pr.add_argument("--text-columns", type=_columns)
+    pr.add_argument("--model")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--batch-size", type=int, default=64)
+
+    params = sub.add_parser("params", help="trainable/total parameters of each method on a model")
+    params.add_argument("--model")
+    params.add_argument("--rank", type=int, default=16)
+    params.add_argument("--kron-factor", type=int, default=4)
+    params.add_argument("--lora-r", type=int, default=8)
+    params.add_argument("--num-labels", type=int, default=2)
+
+    targets = sub.add_parser("targets", help="list a model's Linear/Conv1D modules and the default targets")
+    targets.add_argument("--model")
+    targets.add_argument("--placement", default="ffn", choices=["ffn", "houlsby"])
+
+    sub.add_parser("serve", help="HTTP inference server for many adapters (see `adakron serve --help`)",
+                   add_help=False)
+    return parser
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .train import fit
+
+    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
+    results = fit(TrainArgs(**fields))
+    if results:
+        best = {k: v for k, v in results["best"].items()}
+        print(f"best dev: {json.dumps(best)}; trainable {results['trainable_params']:,} of "
+              f"{results['total_params']:,} ({results['trainable_percent']}%); saved to "
+              f"{results['hyperparameters']['output_dir'] or 'runs/'}", flush=True)
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .inference import evaluate
+
+    results = evaluate(ns.adapter, ns.task, ns.data_dir, ns.validation_file, ns.text_columns, ns.label_column,
+                       ns.model, ns.max_eval_samples, ns.batch_size)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from .inference import predict
+
+    count = predict(ns.adapter, ns.input, ns.output, ns.text_columns, ns.model, ns.overwrite, ns.batch_size)
+    print(f"wrote {count} predictions to {ns.output}")
+    return 0
+
+
+def cmd_params(ns: argparse.Namespace) -> int:
+    from .backbone import load_classifier
+    from .inject import trainable_parameters
+    from .train import apply_method
+
+    print(f"{'method':<10}{'trainable':>14}{'total':>14}{'%':>9}")
+    for method in METHODS:
+        args = TrainArgs(rank=ns.rank, kron_factor=ns.kron_factor, lora_r=ns.lora_r)
+        model = apply_method(load_classifier(ns.model, ns.num_labels), method, args)
+        trainable, total = trainable_parameters(model)
+        print(f"{method:<10}{trainable:>14,}{total:>14,}{100 * trainable / total:>8.3f}%")
+    return 0
+
+
+def cmd_targets(ns: argparse.Namespace) -> int:
+    from torch import nn
+
+    from .backbone import load_classifier
+    from .config import AdaKronConfig
+    from .inject import find_sites, head_names
+    from .targets import WRAPPABLE
+
+    model = load_classifier(ns.model, 2)
+    config = AdaKronConfig(placement=ns.placement)
+    heads = head_names(model, config)
+    try:
+        defaults = set(find_sites(model, config, heads))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        defaults = set()
+    for name, module in model.named_modules():
+        if isinstance(module, WRAPPABLE) and isinstance(module, nn.Module):
+            mark = "*" if name in defaults else ("head" if name.split(".")[0] in heads else "")
+            print(f"{mark:>5}  {name}  ({type(module).__name__})")
+    print(f"* = default AdaKron target ({ns.placement}); head = trained with each adapter")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "params": cmd_params,
+            "targets": cmd_targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed on one line
+        return e.code
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; training keeps its own
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return COMMANDS[ns.command](ns)
+    except UsageError as e:
+        print(f"adakron {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`adakron train | eval | predict | params | targets` on a tiny saved BERT and small CSV/TSV/JSONL files."""
+
+import json
+
+import pytest
+import torch
+from conftest import sentiment_rows, write_rows
+from safetensors.torch import load_file
+
+from adakron.cli import main
+
+
+@pytest.fixture
+def csv_data(tmp_path):
+    train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(32, seed=0))
+    dev = write_rows(tmp_path / "dev.csv", ["text", "label"], sentiment_rows(16, seed=1))
+    return train, dev
+
+
+def train_args(model_dir, train, dev, out, *extra):
+    return ["train", "--model", model_dir, "--train-file", train, "--validation-file", dev, "--text-columns", "text",
+            "--output-dir", str(out), "--epochs", "2", "--batch-size", "8", "--lr", "5e-3", "--max-length", "16",
+            *extra]
+
+
+def test_train_writes_adapter_metrics_results_and_plot(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "curves.png", "metrics.jsonl", "results.json", "task.json"]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1.0, 2.0]
+    assert all(e["train_loss"] > 0 and 0 <= e["dev"]["dev_accuracy"] <= 1 and e["seconds"] > 0 for e in epochs)
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "adakron" and results["task"] == "train"
+    assert results["best"]["dev_accuracy"] == max(e["dev"]["dev_accuracy"] for e in epochs)
+    assert results["last"]["epoch"] == 2.0
+    assert results["trainable_params"] == 2 * (32 * 8 + 8 + 16 * 32 + 32) + (32 * 2 + 2)
+    assert results["hyperparameters"]["lr"] == 5e-3 and results["hyperparameters"]["rank"] == 16
+    assert {"torch", "transformers", "adakron"} <= set(results["versions"]) and results["wall_seconds"] > 0
+    stdout = capsys.readouterr().out
+    assert "epoch 1.00/2" in stdout and "dev_accuracy" in stdout
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_gives_the_same_result_twice(tiny_model_dir, csv_data, tmp_path):
+    for name in ("a", "b"):
+        assert main(train_args(tiny_model_dir, *csv_data, tmp_path / name, "--seed", "7")) == 0
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("a", "b"))
+    assert ra["best"] == rb["best"] and ra["last"] == rb["last"]
+
+
+def test_predict_and_eval_use_the_users_label_names(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out)) == 0
+    predictions = tmp_path / "pred.jsonl"
+    assert main(["predict", "--adapter", str(out), "--input", csv_data[1], "--output", str(predictions)]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 16 and {r["prediction"] for r in rows} <= {"negative", "positive"}
+    assert all(0.5 <= r["score"] <= 1 for r in rows)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--validation-file", csv_data[1]]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["dev"]["accuracy"]
+    results = json.loads((out / "results.json").read_text())
+    assert evaluated == pytest.approx(results["best"]["dev_accuracy"])
+    expected = sum(r["prediction"] == gold for r, (_, gold) in zip(rows, sentiment_rows(16, seed=1))) / 16
+    assert evaluated == pytest.approx(expected)
+
+
+def test_regression_is_inferred_from_float_labels(tiny_model_dir, tmp_path):
+    rows = [[text, f"{0.5 + (label == 'positive') * 3.25:.2f}"] for text, label in sentiment_rows(24)]
+    train = write_rows(tmp_path / "t.tsv", ["text", "score"], rows, sep="\t")
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, train, train, out, "--label-column", "score", "--lr", "1e-3")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["main_metric"] == "dev_pearson" and "dev_spearman" in results["best"]
+    assert -1 <= results["best"]["dev_pearson"] <= 1
+    assert json.loads((out / "adapter_config.json").read_text())["problem_type"] == "regression"
+
+
+def test_jsonl_with_integer_labels_and_two_text_columns(tiny_model_dir, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"premise": t, "hypothesis": "the movie", "label": int(lab == "positive")})
+                            + "\n" for t, lab in sentiment_rows(16)))
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, str(path), str(path), out, "--text-columns", "premise,hypothesis")) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["label_names"] == ["0", "1"]
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora", "full"])
+def test_other_methods_train_and_predict(tiny_model_dir, csv_data, tmp_path, method):
+    out = tmp_path / method
+    extra = ["--lora-r", "4"] if method == "lora" else []
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--method", method, "--epochs", "1", *extra)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method
+    if method == "full":
+        assert results["trainable_params"] == results["total_params"]
+    assert main(["predict", "--adapter", str(out), "--input", csv_data[1], "--output", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text().count("\n") == 17
+
+
+def _fails(capsys, argv, match, written=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    if written is not None:
+        assert not written.exists()
+
+
+def test_bad_input_gives_one_line_and_exit_2_with_nothing_written(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "never"
+    base = ["train", "--model", tiny_model_dir, "--output-dir", str(out)]
+    train, dev = csv_data
+    _fails(capsys, [*base, "--task", "squad"], "unknown task 'squad'", out)
+    _fails(capsys, [*base, "--task", "rte", "--data-dir", str(tmp_path / "nope")], "does not exist", out)
+    _fails(capsys, [*base, "--train-file", str(tmp_path / "x.csv"), "--validation-file", dev, "--text-columns", "text"],
+           "x.csv does not exist", out)
+    _fails(capsys, [*base, "--train-file", train, "--validation-file", dev, "--text-columns", "review"],
+           "no column 'review'; columns present: text, label", out)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood movie,positive\nbad,movie,negative\n")
+    _fails(capsys, [*base, "--train-file", str(bad), "--validation-file", dev, "--text-columns", "text"],
+           "bad.csv:3: expected 2 fields", out)
+    unseen = write_rows(tmp_path / "unseen.csv", ["text", "label"], [["a movie", "neutral"], ["b", "positive"]])
+    _fails(capsys, [*base, "--train-file", train, "--validation-file", unseen, "--text-columns", "text"],
+           "labels not seen in training: neutral", out)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    _fails(capsys, [*base, "--train-file", str(empty), "--validation-file", dev, "--text-columns", "text"],
+           "empty.csv holds no examples", out)
+    _fails(capsys, ["train", "--rank", "ten"], "invalid int value", None)
+    _fails(capsys, [*base, "--train-file", train, "--validation-file", dev, "--text-columns", "text", "--rank", "10"],
+           "`rank` (10) must be divisible by `kron_factor` (4)", out)
+
+
+def test_existing_output_dir_is_kept_without_overwrite(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, out), "pass --overwrite to replace it")
+    assert (out / "precious.txt").read_text() == "mine"
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--epochs", "1")) == 0
+    assert not (out / "precious.txt").exists() and (out / "results.json").exists()
+
+
+def test_adapter_that_does_not_match_the_base_model_is_refused(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    other = tmp_path / "wider"
+    import transformers
+
+    config = transformers.BertConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 64, 37
+    transformers.BertForSequenceClassification(config).save_pretrained(other)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    _fails(capsys, ["eval", "--adapter", str(out), "--validation-file", csv_data[1], "--model", str(other)],
+           "does not fit this model")
+
+
+def test_params_reports_every_method(tiny_model_dir, capsys):
+    assert main(["params", "--model", tiny_model_dir]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == {"adakron", "adapter", "lora", "full"}
+    assert int(lines["adakron"][1].replace(",", "")) == 2 * (32 * 8 + 8 + 16 * 32 + 32) + 66
+
+
+def test_targets_marks_the_default_sites(tiny_model_dir, capsys):
+    assert main(["targets", "--model", tiny_model_dir]) == 0
+    out = capsys.readouterr().out
+    assert "*  bert.encoder.layer.0.output.dense" in out
+    assert "*  bert.encoder.layer.0.attention.output.dense" not in out
