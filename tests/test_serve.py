@@ -16,20 +16,17 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import transformers
+import uvicorn
 from conftest import tiny_model
 
 import adakron
 from adakron import AdaKronConfig
 from adakron.inject import task_heads
-
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-from adakron.serve import create_app, main  # noqa: E402
+from adakron.serve import create_app, main
 
 # name: (num_labels, text columns)
 ADAPTERS = {"rte": (2, ["sentence1", "sentence2"]), "stsb": (1, ["sentence1", "sentence2"]),
@@ -114,7 +111,8 @@ class LiveServer:
     """uvicorn serving ``app`` from a background thread, on a port the OS picked."""
 
     def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, so asyncio turns Nagle off on the connections (as uvicorn's own sockets have).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -380,6 +378,10 @@ def traps(work):
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         (root / "badtask" / f).write_bytes((root / "rte" / f).read_bytes())
     (root / "badtask" / "task.json").write_text('{"text_columns": ["a", "b", "c"]}')
+    (root / "lora").mkdir()  # a run of another method: not an AdaKron adapter
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (root / "lora" / f).write_bytes((root / "rte" / f).read_bytes())
+    (root / "lora" / "task.json").write_text('{"method": "lora", "text_columns": ["a"]}')
     return {"outside": outside, "wide": root / "wide"}
 
 
@@ -397,6 +399,7 @@ def test_admin_refuses_paths_outside_the_root_and_failing_loads_change_nothing(t
         ({"name": "x", "path": "corrupt"}, 422),
         ({"name": "x", "path": "wide"}, 422),
         ({"name": "x", "path": "badtask"}, 422),
+        ({"name": "x", "path": "lora"}, 422),
         ({"name": "rte", "path": "stsb"}, 409),
         ({"name": "bad name!", "path": "rte"}, 422),
         ({"name": "x"}, 422),

@@ -273,6 +273,12 @@ def _training_arguments(args: TrainArgs, checkpoints: Path, main_key: str):
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, multi-process runs (torchrun, accelerate launch) are DDP over gloo on the CPU.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
+        # Classification losses are per-example means: DDP's gradient average is already the global mean.
+        average_tokens_across_devices=False,
+        ddp_find_unused_parameters=False,  # frozen weights are not DDP parameters; all trainable ones get grads
         disable_tqdm=False,
     )
 

@@ -1,0 +1,34 @@
+"""The real embedded all-MiniLM-L6-v2: parameter count and a few training steps end to end."""
+
+import json
+
+from conftest import sentiment_rows, write_rows
+
+import adakron
+from adakron import AdaKronConfig
+from adakron.backbone import load_classifier
+from adakron.cli import main
+
+
+def test_minilm_r16_f4_has_57648_adapter_parameters():
+    model = adakron.add_adapter(load_classifier(None, 2), AdaKronConfig(rank=16, kron_factor=4))
+    assert adakron.adapter_parameters(model, "default") == 57_648
+    trainable, total = adakron.trainable_parameters(model)
+    assert trainable == 57_648 + 384 * 2 + 2
+
+
+def test_minilm_r48_has_149856_adapter_parameters():
+    model = adakron.add_adapter(load_classifier(None, 2), AdaKronConfig(rank=48, kron_factor=4))
+    assert adakron.adapter_parameters(model, "default") == 149_856
+
+
+def test_minilm_trains_a_few_steps_and_saves_a_small_checkpoint(tmp_path):
+    train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(32, seed=0))
+    dev = write_rows(tmp_path / "dev.csv", ["text", "label"], sentiment_rows(16, seed=1))
+    out = tmp_path / "run"
+    assert main(["train", "--train-file", train, "--validation-file", dev, "--text-columns", "text",
+                 "--output-dir", str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "32"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_params"] == 57_648 + 770
+    assert 0 <= results["best"]["dev_accuracy"] <= 1
+    assert (out / "adapter_model.safetensors").stat().st_size < 1_000_000
