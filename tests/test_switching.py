@@ -89,3 +89,11 @@ def test_mixed_batch_needs_one_name_per_row():
     model = adakron.add_adapter(tiny_model("bert"), name="a")
     with pytest.raises(ValueError, match="one per row"):
         adakron.predict(model, tiny_batch(batch=3), ["a"])
+
+
+def test_a_new_adapter_takes_the_bare_models_labels_not_the_active_adapters():
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(num_labels=1), name="stsb")
+    adakron.add_adapter(model, name="rte")
+    assert adakron.inject.state_of(model).configs["rte"].num_labels == 2
+    with adakron.use_adapter(model, "rte"):
+        assert model(**tiny_batch()).logits.shape == (3, 2)

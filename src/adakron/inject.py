@@ -95,14 +95,14 @@ def _base_num_labels(model: nn.Module) -> int:
     return getattr(model, "num_labels", None) or getattr(model.config, "num_labels", 2)
 
 
-def resolve_labels(model: nn.Module, config: AdaKronConfig) -> AdaKronConfig:
-    """Fill in num_labels, label_names and problem_type from the model where the config leaves them open."""
-    num_labels = config.num_labels or (len(config.label_names) if config.label_names else _base_num_labels(model))
+def resolve_labels(config: AdaKronConfig, base_labels: dict[str, Any]) -> AdaKronConfig:
+    """Fill in num_labels, label_names and problem_type from the bare model where the config leaves them open."""
+    num_labels = config.num_labels or (len(config.label_names) if config.label_names else base_labels["num_labels"])
     names = config.label_names
     if names is None:
-        id2label = getattr(model.config, "id2label", None) or {}
-        names = tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)) if (
-            len(id2label) == num_labels) else tuple(f"LABEL_{i}" for i in range(num_labels))
+        id2label = base_labels["id2label"]
+        names = tuple(str(id2label.get(i, f"LABEL_{i}")) if len(id2label) == num_labels else f"LABEL_{i}"
+                      for i in range(num_labels))
     problem_type = config.problem_type or ("regression" if num_labels == 1 else "single_label_classification")
     return config.replace(num_labels=num_labels, label_names=names, problem_type=problem_type)
 
@@ -120,19 +120,21 @@ def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str
         raise ValueError(f"An adapter named {name!r} already exists; remove_adapter it first or pick another name.")
     heads = head_names(model, config)
     sites = find_sites(model, config, heads)
-    config = resolve_labels(model, config).replace(head_modules=tuple(heads))
-    base_labels = _base_num_labels_of(state_of(model)) if adapter_names(model) else _base_num_labels(model)
+    state = getattr(model, STATE_ATTR, None)
+    # Once adapters exist, the model's label settings follow the active one: the bare model's are in state.
+    base_labels = state.base_labels if state else _label_settings(model)
+    config = resolve_labels(config, base_labels).replace(head_modules=tuple(heads))
+    base_num_labels = base_labels["num_labels"]
     originals = [_original_head(model.get_submodule(h)) for h in heads]
-    if config.num_labels != base_labels and not any(label_projections(h, base_labels) for h in originals):
+    if config.num_labels != base_num_labels and not any(label_projections(h, base_num_labels) for h in originals):
         raise ValueError(f"Cannot give this model's head {config.num_labels} outputs: no Linear in {heads} has "
-                         f"{base_labels}. Build the model with num_labels={config.num_labels} instead.")
+                         f"{base_num_labels}. Build the model with num_labels={config.num_labels} instead.")
     init_range = config.initializer_range or default_initializer_range(model.config)
 
-    state = getattr(model, STATE_ATTR, None)
     if state is None:
         state = AdapterState(
             original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
-            base_labels=_label_settings(model),
+            base_labels=base_labels,
         )
         setattr(model, STATE_ATTR, state)
     for site in sites:
@@ -141,7 +143,7 @@ def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str
         layer.adakron_adapters[name] = KronAdapter(output_width(base), config, init_range).to(
             device=base.weight.device, dtype=_adapter_dtype(base))
     for head in heads:
-        _wrap(model, head, TaskHeads).add(name, config.num_labels, _base_num_labels_of(state), init_range)
+        _wrap(model, head, TaskHeads).add(name, config.num_labels, base_num_labels, init_range)
     state.configs[name] = config
     state.sites[name] = sites
     set_trainable(model, name)
@@ -158,10 +160,6 @@ def _original_head(module: nn.Module) -> nn.Module:
 def _adapter_dtype(base: nn.Module):
     # Half-precision backbones keep fp32 adapters: they train, and small updates survive.
     return base.weight.dtype if base.weight.dtype.is_floating_point and base.weight.element_size() >= 4 else None
-
-
-def _base_num_labels_of(state: AdapterState) -> int:
-    return state.base_labels["num_labels"]
 
 
 def _label_settings(model: nn.Module) -> dict[str, Any]:

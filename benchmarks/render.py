@@ -1,0 +1,146 @@
+"""Builds benchmarks/RESULTS.md from the result files under benchmarks/results/ (never from memory)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from glue import ABLATIONS, EPOCHS, METHODS, MULTI_SEED, RESULTS, SEEDS, TASKS, chosen_lr, score
+
+HERE = Path(__file__).resolve().parent
+NAMES = {"adakron16": "AdaKron r=16 f=4", "adakron48": "AdaKron r=48 f=4", "adapter": "Adapter r=16 (plain)",
+         "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _expected_runs() -> int:
+    grid = sum(len(SEEDS) if (t, m) in MULTI_SEED else 1 for t in TASKS for m in METHODS)
+    lr_only = sum(len(m.lr_grid) - 1 for m in METHODS.values())
+    return grid + lr_only + len(ABLATIONS)
+
+
+def glue_section(folder: Path) -> list[str]:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    lines = ["## GLUE dev (all-MiniLM-L6-v2, CPU)", ""]
+    if not results:
+        return lines + ["No runs have finished yet: `python benchmarks/glue.py`.", ""]
+    chosen = {key: chosen_lr(m, folder) for key, m in METHODS.items()}
+    by_cell = defaultdict(list)
+    for r in results:
+        key, task, lr = r["method_key"], r["task"], r["hyperparameters"]["lr"]
+        if key in chosen and lr == chosen[key]:
+            by_cell[key, task].append(r)
+    lines += [f"{len(results)} of {_expected_runs()} planned runs have finished. Best-epoch dev score "
+              "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
+              "Matthews, accuracy elsewhere; ×100.", "",
+              "| method | lr | " + " | ".join(t.upper() for t in TASKS) + " | avg | trainable params | "
+              "wall s/run |", "|---" * (len(TASKS) + 5) + "|"]
+    points = []
+    for key in METHODS:
+        cells, means, params, walls = [], [], None, []
+        for task in TASKS:
+            runs = by_cell[key, task]
+            best = [score(r, task) for r in runs]
+            last = [score(r, task, "last") for r in runs]
+            cells.append(f"{_mean_std(best)} ({_mean_std(last)})" if runs else "–")
+            if runs:
+                means.append(statistics.mean(best))
+                params = (runs[0]["trainable_params"], runs[0]["trainable_percent"])
+                walls += [r["wall_seconds"] for r in runs]
+        complete = len(means) == len(TASKS)
+        avg = f"{statistics.mean(means):.1f}" if complete else "–"
+        if complete:
+            points.append((params[0], statistics.mean(means), NAMES[key]))
+        param_text = f"{params[0]:,} ({params[1]:.2f}%)" if params else "–"
+        wall = f"{statistics.mean(walls):.0f}" if walls else "–"
+        lr = f"{chosen[key]:g}" if chosen[key] else "(pending)"
+        lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
+    lines += ["", "Epochs per task (the same for every method): " +
+              ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
+              ". Trainable parameters include the task head (770 for two labels).", ""]
+    if points:
+        _plot(points, HERE / "results" / "glue_params.png")
+        lines += ["![average GLUE score against trainable parameters](results/glue_params.png)", ""]
+    lines += _lr_table(results), ""
+    lines += _ablation_table(folder, chosen.get("adakron16"))
+    return lines
+
+
+def _lr_table(results: list[dict]) -> str:
+    rows = ["### Learning-rate selection (MRPC F1, seed 42)", "", "| method | lr | F1 |", "|---|---|---|"]
+    for key, method in METHODS.items():
+        for r in results:
+            if r["method_key"] == key and r["task"] == "mrpc" and r["seed"] == 42 \
+                    and r["hyperparameters"]["lr"] in method.lr_grid:
+                rows.append(f"| {NAMES[key]} | {r['hyperparameters']['lr']:g} | {score(r, 'mrpc'):.1f} |")
+    return "\n".join(rows)
+
+
+def _ablation_table(folder: Path, lr: float | None) -> list[str]:
+    lines = ["### Ablations on MRPC (F1, seed 42, AdaKron r=16)", ""]
+    if lr is None:
+        return lines + ["Pending the learning-rate selection.", ""]
+    base = folder / f"mrpc-adakron16-s42-lr{lr:g}.json"
+    rows = [("reference init, f=4 (default)", base)] + [
+        (label, folder / f"mrpc-{m.key}-s42-lr{lr:g}.json") for label, m in ABLATIONS]
+    lines += ["| variant | best F1 | last F1 |", "|---|---|---|"]
+    for label, path in rows:
+        if path.exists():
+            r = json.loads(path.read_text())
+            lines.append(f"| {label} | {score(r, 'mrpc'):.1f} | {score(r, 'mrpc', 'last'):.1f} |")
+        else:
+            lines.append(f"| {label} | (pending) | |")
+    return lines + [""]
+
+
+def _plot(points, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for params, avg, name in points:
+        ax.scatter(params, avg)
+        ax.annotate(name, (params, avg), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel="average GLUE dev score",
+           title="all-MiniLM-L6-v2 on 5 GLUE tasks")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _included(name: str, title: str) -> list[str]:
+    path = RESULTS / name
+    if not path.exists():
+        return [f"## {title}", "", f"Not measured yet (`{name}` is missing).", ""]
+    return [path.read_text().rstrip(), ""]
+
+
+def render() -> Path:
+    lines = ["# Benchmark results", "",
+             "Generated by `python benchmarks/glue.py --render` from the files in `benchmarks/results/`; "
+             "every figure comes from a run of the scripts in `benchmarks/` on the machine named in it.", ""]
+    lines += glue_section(RESULTS / "glue")
+    quick = RESULTS / "glue-quick"
+    if any(quick.glob("*.json")):
+        lines += ["<details><summary>Quick mode (128 rows, 1 epoch): a smoke check, not a result</summary>", ""]
+        lines += [f"- {p.stem}: {json.loads(p.read_text())['best']}" for p in sorted(quick.glob("*.json"))]
+        lines += ["", "</details>", ""]
+    lines += _included("speed.md", "Speed and memory")
+    lines += _included("serve.md", "Serving")
+    out = HERE / "RESULTS.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+if __name__ == "__main__":
+    print(render())
