@@ -150,8 +150,8 @@ async def load(args, url: str, adapters: dict[str, Path]) -> tuple[list[float], 
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         for name in names:  # warm-up: every adapter once
-            (await client.post("/v1/predict", json={"adapter": name, "inputs": [_row(random.Random(0), columns[name])]})
-             ).raise_for_status()
+            body = {"adapter": name, "inputs": [_row(random.Random(0), columns[name])]}
+            (await client.post("/v1/predict", json=body)).raise_for_status()
         started = time.perf_counter()
         stop_at = started + args.duration
 

@@ -111,6 +111,7 @@ class LiveServer:
     """uvicorn serving ``app`` from a background thread, on a port the OS picked."""
 
     def __init__(self, app):
+        self.app = app
         # IPPROTO_TCP, so asyncio turns Nagle off on the connections (as uvicorn's own sockets have).
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
@@ -385,9 +386,11 @@ def traps(work):
     return {"outside": outside, "wide": root / "wide"}
 
 
-def test_admin_refuses_paths_outside_the_root_and_failing_loads_change_nothing(traps, client):
+def test_admin_refuses_paths_outside_the_root_and_failing_loads_change_nothing(traps, server, client):
     outside = traps["outside"]
     before = _listed(client)
+    model = server.app.state.engine.model
+    names_before = adakron.adapter_names(model)
     cases = [
         ({"name": "x", "path": "../outside/evil"}, 403),
         ({"name": "x", "path": str(outside / "evil")}, 403),
@@ -409,6 +412,7 @@ def test_admin_refuses_paths_outside_the_root_and_failing_loads_change_nothing(t
         assert response.status_code == status, (body, response.text)
         assert response.json()["error"]["status"] == status
         assert _listed(client) == before, body
+        assert adakron.adapter_names(model) == names_before, body
     _alive(client)
 
 
