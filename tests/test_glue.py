@@ -139,3 +139,22 @@ def test_pearson_and_spearman_match_scipy():
     assert result["pearson"] == pytest.approx(pearsonr(scores, gold)[0])
     assert result["spearman"] == pytest.approx(spearmanr(scores, gold)[0])
 
+
+
+def test_hub_path_reads_nyu_mll_glue_columns(monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    calls = []
+
+    def fake_load_dataset(path, name):
+        calls.append((path, name))
+        split = Dataset.from_dict({"premise": ["P."], "hypothesis": ["H."], "label": [2], "idx": [0]})
+        return DatasetDict({"train": split, "validation_matched": split, "validation_mismatched": split})
+
+    monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
+    monkeypatch.setattr("adakron.glue._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    train, devs = load_glue(get_task("mnli"), None)
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert train.texts == [("P.", "H.")] and train.labels == [2]
+    assert list(devs) == ["validation_matched", "validation_mismatched"]
