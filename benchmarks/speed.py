@@ -692,6 +692,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--infer-extra", default="1x16", help="more inference shapes BxS, comma list ('' = none); "
                    "10x --infer-reps each")
     p.add_argument("--epoch-cost", action="store_true", help="only the SST-2 epoch-cost estimate")
+    p.add_argument("--mixed-batch", action="store_true",
+                   help="only the mixed-adapter batch throughput (64 rows over 8 adapters vs one adapter); "
+                        "runs benchmarks/mixed_batch.py, which writes results/mixed_batch.json")
     p.add_argument("--epoch-methods", default="adakron", help="methods timed in --epoch-cost")
     p.add_argument("--epoch-batches", type=int, default=30, help="batches sampled per padding strategy")
     p.add_argument("--epoch-rows", type=int, default=0, help="use only the first N SST-2 rows (0 = all)")
@@ -727,6 +730,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.memory_child:
         print(json.dumps(memory_child(args)))
+        return
+    if args.mixed_batch:
+        import mixed_batch
+
+        mixed_batch.main([f"--threads={args.threads}"])
         return
     if args.profile:
         args.profile = args.profile.split(",")
