@@ -48,7 +48,9 @@ class AdaKronLayer(nn.Module):
     def _update(self, name: str, y: torch.Tensor) -> torch.Tensor:
         adapter = self.adakron_adapters[name]
         dtype = adapter.adakron_up.weight.dtype
-        # Adapters may be kept in fp32 on a half-precision backbone: compute in theirs, return in ours.
+        if y.dtype == dtype:
+            return adapter(y)
+        # Adapters are kept in fp32 on a half-precision backbone: compute in theirs, return in ours.
         return adapter(y.to(dtype)).to(y.dtype)
 
     def _mixed_forward(self, y: torch.Tensor) -> torch.Tensor:
