@@ -156,3 +156,30 @@ def test_head_with_other_number_of_labels_round_trips(tmp_path):
     adakron.load_adapter(fresh, tmp_path)
     assert fresh(**batch).logits.shape == (3, 1)
     assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_shape_mismatch_beside_other_adapters_leaves_the_model_exactly_as_it_was(tmp_path):
+    adakron.save_adapter(_trained(placement="houlsby"), tmp_path)
+    import transformers
+
+    config_class, kwargs = TINY["bert"]
+    wider = transformers.AutoModelForSequenceClassification.from_config(config_class(**{**kwargs, "hidden_size": 64}))
+    adakron.add_adapter(wider, name="keep")
+    _assert_rejected(wider, tmp_path, "shape mismatches")
+    assert adakron.adapter_names(wider) == ["keep"]
+
+
+def test_loading_does_not_move_the_callers_random_state(tmp_path):
+    adakron.save_adapter(_trained(), tmp_path)
+    fresh = tiny_model("bert")
+    torch.manual_seed(123)
+    adakron.load_adapter(fresh, tmp_path)
+    after_load = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_load)
+
+
+def test_a_peft_directory_is_named_as_such(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"")
+    _assert_rejected(tiny_model("bert"), tmp_path, "holds a PEFT \\(LORA\\) adapter")

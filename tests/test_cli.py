@@ -103,6 +103,7 @@ def test_other_methods_train_and_predict(tiny_model_dir, csv_data, tmp_path, met
 
 
 def _fails(capsys, argv, match, written=None):
+    capsys.readouterr()  # only this command's output counts
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
@@ -174,3 +175,70 @@ def test_targets_marks_the_default_sites(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "*  bert.encoder.layer.0.output.dense" in out
     assert "*  bert.encoder.layer.0.attention.output.dense" not in out
+
+
+def test_a_task_with_two_dev_splits_reports_both_every_epoch(tiny_model_dir, tmp_path):
+    folder = tmp_path / "glue" / "MNLI"
+    folder.mkdir(parents=True)
+    header = "\t".join(["index", "promptID", "pairID", "genre", "a", "b", "c", "d", "sentence1", "sentence2",
+                        "label1", "gold_label"])
+    labels = ["entailment", "neutral", "contradiction"]
+    rows = [["0"] * 8 + [text, "the movie", labels[i % 3], labels[i % 3]]
+            for i, (text, _) in enumerate(sentiment_rows(24))]
+    for name in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"):
+        (folder / name).write_text("\n".join([header] + ["\t".join(r) for r in rows]) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_model_dir, "--task", "mnli", "--data-dir", str(tmp_path / "glue"),
+                 "--output-dir", str(out), "--epochs", "2", "--batch-size", "8", "--max-length", "16"]) == 0
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(e["dev"]) for e in epochs] == [["dev_matched_accuracy", "dev_mismatched_accuracy"]] * 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["main_metric"] == "dev_matched_accuracy" and "dev_mismatched_accuracy" in results["best"]
+    assert results["hyperparameters"]["output_dir"] == str(out)
+
+
+def test_overwrite_with_bad_settings_keeps_the_old_run(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
+    before = (out / "results.json").read_text()
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--warmup-ratio", "-0.1"),
+           "--warmup-ratio must be in [0, 1)")
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--epochs", "0"),
+           "--epochs must be positive, got 0")
+    assert (out / "results.json").read_text() == before
+
+
+def test_resume_refuses_a_finished_run_and_changed_settings(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
+    _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],
+           "that run has finished")
+    (out / "checkpoints").mkdir()
+    from adakron.train import RUN_ARGS
+
+    (out / "checkpoints" / RUN_ARGS).write_text(json.dumps({"lr": 1.0}))
+    _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],
+           "these differ: ")
+
+
+def test_eval_refuses_a_task_with_other_labels(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
+    _fails(capsys, ["eval", "--adapter", str(out), "--task", "rte", "--data-dir", str(tmp_path)],
+           "evaluate it on the task it was trained for")
+
+
+def test_predict_passes_every_input_column_through(tiny_model_dir, csv_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
+    rows = [[str(i), text] for i, (text, _) in enumerate(sentiment_rows(5))]
+    source = write_rows(tmp_path / "new.tsv", ["idx", "text"], rows, sep="\t")
+    target = tmp_path / "pred.tsv"
+    assert main(["predict", "--adapter", str(out), "--input", source, "--output", str(target)]) == 0
+    lines = target.read_text().splitlines()
+    assert lines[0] == "idx\ttext\tprediction\tscore" and lines[3].startswith("2\t")
+
+
+def test_params_and_targets_turn_bad_input_into_one_line(tiny_model_dir, tmp_path, capsys):
+    _fails(capsys, ["params", "--model", tiny_model_dir, "--rank", "10"], "`rank` (10) must be divisible")
+    _fails(capsys, ["targets", "--model", str(tmp_path / "missing")], "cannot load model")

@@ -157,4 +157,4 @@ def test_hub_path_reads_nyu_mll_glue_columns(monkeypatch):
     train, devs = load_glue(get_task("mnli"), None)
     assert calls == [("nyu-mll/glue", "mnli")]
     assert train.texts == [("P.", "H.")] and train.labels == [2]
-    assert list(devs) == ["validation_matched", "validation_mismatched"]
+    assert list(devs) == ["dev_matched", "dev_mismatched"]  # named as the local GLUE files are

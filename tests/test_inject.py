@@ -163,3 +163,31 @@ def test_every_family_trains_one_step(family):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "adakron_up" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_unload_restores_the_label_settings_after_a_head_of_another_width():
+    model = tiny_model("bert")
+    before = (model.config.id2label, model.config.problem_type, model.num_labels)
+    adakron.add_adapter(model, AdaKronConfig(num_labels=1), name="stsb")
+    assert model.num_labels == 1
+    adakron.unload(model)
+    assert (model.config.id2label, model.config.problem_type, model.num_labels) == before
+    assert model(**tiny_batch()).logits.shape == (3, 2)
+
+
+def test_removing_the_last_adapter_gives_back_the_original_model():
+    model, batch = tiny_model("bert"), tiny_batch()
+    keys, base = set(model.state_dict()), model(**batch).logits
+    adakron.add_adapter(model, name="only")
+    adakron.remove_adapter(model, "only")
+    assert set(model.state_dict()) == keys and torch.equal(model(**batch).logits, base)
+    assert all(p.requires_grad for p in model.parameters())
+    assert adakron.adapter_names(model) == []
+
+
+def test_removing_an_adapter_unwraps_sites_no_other_adapter_uses():
+    model = adakron.add_adapter(tiny_model("bert"), name="ffn")
+    keys = set(model.state_dict())
+    adakron.add_adapter(model, AdaKronConfig(placement="houlsby"), name="both")
+    adakron.remove_adapter(model, "both")
+    assert set(model.state_dict()) == keys

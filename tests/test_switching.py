@@ -47,8 +47,9 @@ def test_use_adapter_switches_the_loss_to_the_heads_problem_type(tmp_path):
     model = _multi(tmp_path)
     with adakron.use_adapter(model, "stsb"):
         assert model.config.problem_type == "regression" and model.num_labels == 1
-        loss = model(**tiny_batch(), labels=torch.tensor([0.5, 1.0, 2.0])).loss
-        assert loss.ndim == 0
+        labels = torch.tensor([0.5, 1.0, 2.0])
+        out = model(**tiny_batch(), labels=labels)
+        torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), labels))
 
 
 def test_disable_adapters_gives_exactly_the_base_models_hidden_states_and_logits(tmp_path, family):
@@ -97,3 +98,12 @@ def test_a_new_adapter_takes_the_bare_models_labels_not_the_active_adapters():
     assert adakron.inject.state_of(model).configs["rte"].num_labels == 2
     with adakron.use_adapter(model, "rte"):
         assert model(**tiny_batch()).logits.shape == (3, 2)
+
+
+def test_predict_runs_in_eval_mode_and_restores_the_mode():
+    model = adakron.add_adapter(tiny_model("bert"), name="a").train()
+    batch = tiny_batch()
+    first = adakron.predict(model, batch, ["a"] * 3)
+    second = adakron.predict(model, batch, ["a"] * 3)
+    assert all(torch.equal(x, y) for x, y in zip(first, second))  # no dropout
+    assert model.training

@@ -22,8 +22,7 @@ class KronAdapter(nn.Module):
     def __init__(self, width: int, config: AdaKronConfig, initializer_range: float = 0.02):
         super().__init__()
         self.outer = 0 if config.is_plain_adapter else config.kron_factor
-        down_out = config.rank if config.is_plain_adapter else config.kron_factor + config.inner_width
-        self.adakron_down = nn.Linear(width, down_out)
+        self.adakron_down = nn.Linear(width, config.down_width)
         self.adakron_up = nn.Linear(config.rank, width)
         self.act = ACT2FN[config.activation]
         self.reset_parameters(config.init, initializer_range)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from .data import UsageError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -18,19 +17,26 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
-def looks_local(name: str) -> bool:
-    return os.path.sep in name or name.startswith(".") or Path(name).exists()
-
-
 def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(name))
+    except OSError as e:
+        raise UsageError(_cannot_load(name, e)) from None
 
 
 def load_classifier(name: str | None, num_labels: int, **kwargs):
     """A sequence-classification model on the backbone; a head of another size is replaced by a new one."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
-                                                              ignore_mismatched_sizes=True, **kwargs)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
+                                                                  ignore_mismatched_sizes=True, **kwargs)
+    except OSError as e:
+        raise UsageError(_cannot_load(name, e)) from None
+
+
+def _cannot_load(name: str | None, error: OSError) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot load model {name!r}: {first} (pass a local model folder or a hub id; the hub needs a network)"

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .config import FORMAT_VERSION, METADATA_KEYS, AdaKronConfig
-from .inject import STATE_ATTR, add_adapter, adapter_names, remove_adapter, state_of, unload
+from .inject import STATE_ATTR, add_adapter, adapter_names, remove_adapter, state_of
 from .layer import AdaKronLayer, TaskHeads
 
 CONFIG_NAME = "adapter_config.json"
@@ -98,7 +98,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdaKronConfig, dict, dic
         raise AdapterLoadError(f"{config_path} is not valid JSON ({e}).") from None
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object.")
+    if "peft_type" in raw:
+        raise AdapterLoadError(f"{directory} holds a PEFT ({raw['peft_type']}) adapter, not an AdaKron one; load it "
+                               "with peft.PeftModel.from_pretrained")
     version = raw.get("format_version")
+    if version is None:
+        raise AdapterLoadError(f"{config_path} is not an AdaKron adapter config (it has no format_version).")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise AdapterLoadError(f"{config_path} has format_version {version!r}; this adakron ({__version__}) reads "
                                f"up to {FORMAT_VERSION}. Upgrade adakron to load it.")
@@ -120,9 +125,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdaKronConfig, dict, dic
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
                  is_trainable: bool = False) -> str:
-    """Add the adapter saved in ``directory`` to ``model`` under ``name`` (default: the directory's name,
-    or "default" if that is not a valid adapter name); returns the name. Every key and shape must match,
-    else AdapterLoadError is raised and the model is left as it was."""
+    """Add the adapter saved in ``directory`` to ``model`` under ``name`` (default: the name it was saved
+    under); returns the name. Every key and shape must match, else AdapterLoadError is raised and the
+    model is left as it was."""
     config, metadata, tensors = read_adapter(directory)
     model_type = getattr(model.config, "model_type", None)
     if metadata.get("model_type") and model_type and metadata["model_type"] != model_type:
@@ -135,7 +140,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     previous = state_of(model).active if had_adapters else None
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        add_adapter(model, config, name)
+        with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the caller's RNG
+            add_adapter(model, config, name)
     except ValueError as e:
         raise AdapterLoadError(f"{directory} does not fit this model: {e}") from None
     expected = adapter_state_dict(model, name)
@@ -176,10 +182,8 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
 
 
 def _rollback(model: nn.Module, name: str, had_adapters: bool, previous: str | None) -> None:
-    if not had_adapters:
-        unload(model)
-        return
-    remove_adapter(model, name)
-    from .switching import set_active_adapter
+    remove_adapter(model, name)  # the last adapter's removal is unload: the model as it was
+    if had_adapters:
+        from .switching import set_active_adapter
 
-    set_active_adapter(model, previous)
+        set_active_adapter(model, previous)

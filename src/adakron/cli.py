@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from .checkpoint import AdapterLoadError
 from .data import UsageError
 from .train import METHODS, TrainArgs
 
@@ -137,11 +138,12 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 def cmd_params(ns: argparse.Namespace) -> int:
     from .backbone import load_classifier
     from .inject import trainable_parameters
-    from .train import apply_method
+    from .train import adakron_config, apply_method
 
+    args = TrainArgs(rank=ns.rank, kron_factor=ns.kron_factor, lora_r=ns.lora_r)
+    adakron_config(args)  # a bad --rank/--kron-factor is a usage error, before any model is loaded
     print(f"{'method':<10}{'trainable':>14}{'total':>14}{'%':>9}")
     for method in METHODS:
-        args = TrainArgs(rank=ns.rank, kron_factor=ns.kron_factor, lora_r=ns.lora_r)
         model = apply_method(load_classifier(ns.model, ns.num_labels), method, args)
         trainable, total = trainable_parameters(model)
         print(f"{method:<10}{trainable:>14,}{total:>14,}{100 * trainable / total:>8.3f}%")
@@ -149,8 +151,6 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
 
 def cmd_targets(ns: argparse.Namespace) -> int:
-    from torch import nn
-
     from .backbone import load_classifier
     from .config import AdaKronConfig
     from .inject import find_sites, head_names
@@ -165,7 +165,7 @@ def cmd_targets(ns: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         defaults = set()
     for name, module in model.named_modules():
-        if isinstance(module, WRAPPABLE) and isinstance(module, nn.Module):
+        if isinstance(module, WRAPPABLE):
             mark = "*" if name in defaults else ("head" if name.split(".")[0] in heads else "")
             print(f"{mark:>5}  {name}  ({type(module).__name__})")
     print(f"* = default AdaKron target ({ns.placement}); head = trained with each adapter")
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return COMMANDS[ns.command](ns)
-    except UsageError as e:
+    except (UsageError, AdapterLoadError) as e:
         print(f"adakron {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -109,10 +108,14 @@ class AdaKronConfig:
     def is_plain_adapter(self) -> bool:
         return self.kron_factor == 1
 
+    @property
+    def down_width(self) -> int:
+        """Outputs of the fused down-projection: f + r/f (or r for the plain adapter)."""
+        return self.rank if self.is_plain_adapter else self.kron_factor + self.inner_width
+
     def adapter_parameters(self, width: int) -> int:
         """Parameters of one adapter on a sub-layer of output width ``width`` (closed form)."""
-        down_out = self.rank if self.is_plain_adapter else self.kron_factor + self.inner_width
-        return width * down_out + down_out + self.rank * width + width
+        return width * self.down_width + self.down_width + self.rank * width + width
 
     def replace(self, **changes: Any) -> AdaKronConfig:
         return dataclasses.replace(self, **changes)
@@ -134,12 +137,6 @@ class AdaKronConfig:
     @classmethod
     def from_json(cls, text: str) -> AdaKronConfig:
         return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> AdaKronConfig:
-        """Read the config part of an adapter_config.json (metadata keys are skipped silently)."""
-        data = json.loads(Path(path).read_text())
-        return cls.from_dict({k: v for k, v in data.items() if k not in METADATA_KEYS})
 
 
 # Keys that adapter_config.json carries beside the config fields (written by checkpoint.save_adapter).

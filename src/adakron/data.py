@@ -18,12 +18,15 @@ class UsageError(Exception):
 class Examples:
     texts: list[tuple[str, ...]]  # one or two texts per example
     labels: list[Any]  # class ids, floats, or raw values before encoding; None when unlabelled
+    records: list[dict[str, Any]] | None = None  # every column of the user's rows, for `predict` to pass through
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def head(self, n: int | None) -> Examples:
-        return self if n is None else Examples(self.texts[:n], self.labels[:n])
+        if n is None:
+            return self
+        return Examples(self.texts[:n], self.labels[:n], self.records[:n] if self.records else None)
 
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -40,7 +43,7 @@ def read_file(path: str | Path, text_columns: list[str], label_column: str | Non
         raise UsageError(f"{path}: unknown format {path.suffix!r}; use .csv, .tsv or .jsonl")
     wanted = [*text_columns, *([label_column] if label_column else [])]
     records = _jsonl_records(path) if kind == "jsonl" else _table_records(path, kind)
-    texts, labels = [], []
+    texts, labels, kept = [], [], []
     for line, record in records:
         missing = [c for c in wanted if c not in record]
         if missing:
@@ -48,9 +51,10 @@ def read_file(path: str | Path, text_columns: list[str], label_column: str | Non
             raise UsageError(f"{where}: no column {missing[0]!r}; columns present: {', '.join(record)}")
         texts.append(tuple(_text(record[c], path, line, c) for c in text_columns))
         labels.append(record[label_column] if label_column else None)
+        kept.append(record)
     if not texts:
         raise UsageError(f"{path} holds no examples")
-    return Examples(texts, labels)
+    return Examples(texts, labels, kept)
 
 
 def _table_records(path: Path, kind: str):
@@ -137,12 +141,12 @@ def encode_labels(examples: Examples, space: LabelSpace, source: str) -> Example
         numbers = _floats([str(v) for v in examples.labels])
         if numbers is None:
             raise UsageError(f"{source}: regression labels must be numbers")
-        return Examples(examples.texts, numbers)
+        return Examples(examples.texts, numbers, examples.records)
     index = {name: i for i, name in enumerate(space.names)}
     unseen = sorted({str(v) for v in examples.labels} - set(index))
     if unseen:
         raise UsageError(f"{source}: labels not seen in training: {', '.join(unseen[:10])}")
-    return Examples(examples.texts, [index[str(v)] for v in examples.labels])
+    return Examples(examples.texts, [index[str(v)] for v in examples.labels], examples.records)
 
 
 def tokenize(examples: Examples, tokenizer, max_length: int, pad_to_max_length: bool = False):

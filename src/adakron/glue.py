@@ -58,13 +58,16 @@ def glue_dir(data_dir: str | None) -> Path | None:
     return Path(chosen) if chosen else None
 
 
-def load_glue(task: GlueTask, data_dir: str | None) -> tuple[Examples, dict[str, Examples]]:
-    """(train, {dev split name: dev}) from ``data_dir`` (or $GLUE_DIR), else from the hub."""
+def load_glue(task: GlueTask, data_dir: str | None,
+              train: bool = True) -> tuple[Examples | None, dict[str, Examples]]:
+    """(train, {dev split name: dev}) from ``data_dir`` (or $GLUE_DIR), else from the hub. Dev splits are
+    named after the GLUE files either way: dev, or dev_matched and dev_mismatched. ``train=False`` skips
+    the training split (evaluation needs only dev)."""
     folder = glue_dir(data_dir)
     if folder is not None:
-        return _load_tsv(task, folder)
+        return _load_tsv(task, folder, train)
     try:
-        return _load_hub(task)
+        return _load_hub(task, train)
     except Exception as e:  # offline, hub down, datasets missing: all mean the same to the user
         raise UsageError(
             f"GLUE data for {task.folder} not found: pass --data-dir DIR (a folder holding {task.folder}/train.tsv "
@@ -73,12 +76,15 @@ def load_glue(task: GlueTask, data_dir: str | None) -> tuple[Examples, dict[str,
         ) from None
 
 
-def _load_tsv(task: GlueTask, folder: Path) -> tuple[Examples, dict[str, Examples]]:
+def dev_names(task: GlueTask) -> list[str]:
+    return [Path(f).stem for f in task.dev_files]
+
+
+def _load_tsv(task: GlueTask, folder: Path, train: bool) -> tuple[Examples | None, dict[str, Examples]]:
     if not folder.is_dir():
         raise UsageError(f"data dir {folder} does not exist; pass the folder that holds {task.folder}/train.tsv")
-    train = _read_tsv(task, folder / task.folder / "train.tsv")
-    devs = {Path(f).stem: _read_tsv(task, folder / task.folder / f) for f in task.dev_files}
-    return train, devs
+    devs = {name: _read_tsv(task, folder / task.folder / f) for name, f in zip(dev_names(task), task.dev_files)}
+    return (_read_tsv(task, folder / task.folder / "train.tsv") if train else None), devs
 
 
 def _read_tsv(task: GlueTask, path: Path) -> Examples:
@@ -124,7 +130,7 @@ def _label(task: GlueTask, value: str, path: Path, line: int) -> int | float:
         raise UsageError(f"{path}:{line}: label {value!r} is not one of {expected}") from None
 
 
-def _load_hub(task: GlueTask) -> tuple[Examples, dict[str, Examples]]:
+def _load_hub(task: GlueTask, train: bool) -> tuple[Examples | None, dict[str, Examples]]:
     from datasets import load_dataset
 
     if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not _hub_reachable():
@@ -137,7 +143,8 @@ def _load_hub(task: GlueTask) -> tuple[Examples, dict[str, Examples]]:
         rows = data[split]
         return Examples(list(zip(*(rows[c] for c in task.hub_text_columns))), list(rows["label"]))
 
-    return convert("train"), {split: convert(split) for split in task.hub_dev_splits}
+    devs = {name: convert(split) for name, split in zip(dev_names(task), task.hub_dev_splits)}
+    return (convert("train") if train else None), devs
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

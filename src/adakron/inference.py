@@ -99,7 +99,11 @@ def evaluate(run_dir: str, task: str | None = None, data_dir: str | None = None,
     task = task or (trained.task if not validation_file else None)
     if task:
         glue_task = get_task(task)
-        _, devs = load_glue(glue_task, data_dir)
+        if glue_task.labels != trained.labels.names:
+            raise UsageError(f"this adapter predicts {trained.labels.names or 'a score'}, but {glue_task.name} has "
+                             f"labels {glue_task.labels or 'that are scores'}; evaluate it on the task it was "
+                             "trained for")
+        _, devs = load_glue(glue_task, data_dir, train=False)
         metric = glue_task.metric
     elif validation_file:
         columns = text_columns or trained.text_columns
@@ -133,8 +137,8 @@ def predict(run_dir: str, input_file: str, output_file: str, text_columns: list[
     examples = read_file(input_file, columns, None)
     logits = run_model(trained, examples, batch_size)
     rows = []
-    for texts, row_logits in zip(examples.texts, logits):
-        row = dict(zip(columns, texts))
+    for record, row_logits in zip(examples.records, logits):
+        row = dict(record)  # every input column passes through (ids, for one)
         if trained.labels.regression:
             row["prediction"] = float(row_logits[0])
         else:

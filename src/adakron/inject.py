@@ -211,21 +211,37 @@ def adapter_parameters(model: nn.Module, name: str) -> int:
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` and its head. Wrappers left empty give their original module back, and
+    removing the last adapter is ``unload``: the model is as it was before any adapter."""
     state = state_of(model)
     if name not in state.configs:
         raise ValueError(f"No adapter named {name!r}; adapters: {adapter_names(model)}.")
+    if len(state.configs) == 1:
+        unload(model)
+        return
     for layer in adakron_layers(model):
         if name in layer.adakron_adapters:
             del layer.adakron_adapters[name]
     for heads in task_heads(model):
         if name in heads.heads:
             del heads.heads[name]
+    _unwrap(model, lambda m: (isinstance(m, AdaKronLayer) and not len(m.adakron_adapters))
+            or (isinstance(m, TaskHeads) and not len(m.heads)))
     del state.configs[name]
     del state.sites[name]
     if state.active == name:
         from .switching import set_active_adapter
 
-        set_active_adapter(model, next(iter(state.configs), None))
+        set_active_adapter(model, next(iter(state.configs)))
+
+
+def _unwrap(model: nn.Module, which) -> None:
+    """Put back the original module of every AdaKronLayer/TaskHeads for which ``which`` holds."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, (AdaKronLayer, TaskHeads)) and which(module):
+            original = module.base_layer if isinstance(module, AdaKronLayer) else module.original_module
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, original)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -234,11 +250,7 @@ def unload(model: nn.Module) -> nn.Module:
     from .switching import set_active_adapter
 
     set_active_adapter(model, None)
-    for path, module in list(model.named_modules()):
-        if isinstance(module, (AdaKronLayer, TaskHeads)):
-            original = module.base_layer if isinstance(module, AdaKronLayer) else module.original_module
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, original)
+    _unwrap(model, lambda module: True)
     for n, p in model.named_parameters():
         p.requires_grad_(state.original_requires_grad.get(n, p.requires_grad))
     delattr(model, STATE_ATTR)

@@ -108,8 +108,13 @@ def predict(model: nn.Module, batch: dict[str, torch.Tensor], adapter_names: Seq
         raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of "
                          f"{len(next(iter(batch.values())))} rows; give one per row.")
     state = state_of(model)
-    with route_rows(model, adapter_names):
-        logits = model(**batch).logits
+    was_training = model.training
+    model.eval()  # inference: no dropout
+    try:
+        with route_rows(model, adapter_names):
+            logits = model(**batch).logits
+    finally:
+        model.train(was_training)
     widths = [state.configs[n].num_labels if n is not None else state.base_labels["num_labels"]
               for n in adapter_names]
     return [row[:width] for row, width in zip(logits, widths)]

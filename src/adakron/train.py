@@ -43,7 +43,7 @@ class Recipe:
 # Per-task defaults, sized for a 2-core CPU (the paper runs 20-80 epochs on a GPU); see README.
 RECIPES = {
     "cola": Recipe(5e-4, 10, 32, 64),
-    "sst2": Recipe(5e-4, 1, 32, 64),
+    "sst2": Recipe(5e-4, 2, 32, 64),
     "mrpc": Recipe(5e-4, 10, 32, 128),
     "qqp": Recipe(5e-4, 1, 32, 128),
     "stsb": Recipe(5e-4, 10, 32, 128),
@@ -111,6 +111,11 @@ class Prepared:
     metric: str
     output_dir: Path
 
+    @property
+    def main_key(self) -> str:
+        """The metric that picks the best epoch, as the Trainer names it (first dev split)."""
+        return f"{next(iter(self.devs))}_{MAIN_METRIC[self.metric]}"
+
 
 def prepare(args: TrainArgs) -> Prepared:
     if args.method not in METHODS:
@@ -142,6 +147,7 @@ def prepare(args: TrainArgs) -> Prepared:
         raise UsageError("nothing to train on: pass --task NAME (a GLUE task) or --train-file/--validation-file")
     args = _with_recipe(args, recipe)
     output_dir = Path(args.output_dir or f"runs/{name}-{args.method}")
+    args = TrainArgs(**{**asdict(args), "output_dir": str(output_dir)})
     _check_output_dir(output_dir, args)
     train = train.head(args.max_train_samples)
     devs = {k: v.head(args.max_eval_samples) for k, v in devs.items()}
@@ -149,31 +155,64 @@ def prepare(args: TrainArgs) -> Prepared:
 
 
 def _with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
+    """Fill what the user left open from the task's recipe, then check every number."""
     chosen = dict(
-        epochs=args.epochs or recipe.epochs,
-        lr=args.lr or (FULL_LR if args.method == "full" else recipe.lr),
-        batch_size=args.batch_size or recipe.batch_size,
-        max_length=args.max_length or recipe.max_length,
+        epochs=recipe.epochs if args.epochs is None else args.epochs,
+        lr=(FULL_LR if args.method == "full" else recipe.lr) if args.lr is None else args.lr,
+        batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
+        max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
-    for key in ("epochs", "lr", "batch_size", "max_length", "rank", "kron_factor", "lora_r"):
-        value = chosen.get(key, getattr(args, key))
-        if not value > 0:
+    numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "max_train_samples",
+                                                "max_eval_samples", "eval_steps")}, **chosen}
+    for key, value in numbers.items():
+        if value is not None and not value > 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.method in ("adakron", "adapter"):
-        try:
-            AdaKronConfig(rank=args.rank, kron_factor=1 if args.method == "adapter" else args.kron_factor,
-                          init=args.init, placement=args.placement)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        adakron_config(args)  # raises UsageError now, not after the data is tokenized
     return TrainArgs(**{**asdict(args), **chosen})
+
+
+def adakron_config(args: TrainArgs, method: str | None = None) -> AdaKronConfig:
+    """The adapter of ``--method adakron`` (or ``adapter``: the one-factor case) from the run's flags."""
+    try:
+        return AdaKronConfig(rank=args.rank, kron_factor=1 if (method or args.method) == "adapter" else
+                             args.kron_factor, init=args.init, placement=args.placement)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+RUN_ARGS = "adakron_train_args.json"  # inside checkpoints/: what a resumed run must match
 
 
 def _check_output_dir(output_dir: Path, args: TrainArgs) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {output_dir} is a file")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (args.overwrite or args.resume):
+    if args.resume and args.overwrite:
+        raise UsageError("pass --resume or --overwrite, not both")
+    if args.resume:
+        saved = output_dir / "checkpoints" / RUN_ARGS
+        if not saved.is_file():
+            finished = (output_dir / "results.json").is_file()
+            raise UsageError(f"nothing to resume in {output_dir}: " + (
+                "that run has finished (pass --overwrite to train again)" if finished else
+                "no epoch checkpoint was written yet (start again with --overwrite)"))
+        before = json.loads(saved.read_text())
+        now = _comparable(args)
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        if changed:
+            raise UsageError(f"--resume needs the same settings as the run in {output_dir}; these differ: "
+                             f"{', '.join(changed)}")
+    elif output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
         raise UsageError(f"output dir {output_dir} exists and is not empty; pass --overwrite to replace it "
                          f"or --resume to continue its run")
+
+
+def _comparable(args: TrainArgs) -> dict[str, Any]:
+    return {k: v for k, v in asdict(args).items() if k not in ("resume", "overwrite", "extra", "plot")}
 
 
 def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
@@ -185,18 +224,27 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
 
     from .backbone import load_tokenizer, resolve_model
 
+    try:
+        training_args = _training_arguments(args, output_dir / "checkpoints", prepared.main_key)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    total_steps = math.ceil(len(prepared.train) / args.batch_size) * args.epochs
+    if args.eval_steps and args.eval_steps > total_steps:
+        raise UsageError(f"--eval-steps {args.eval_steps} is more than the run's {total_steps:.0f} steps")
     set_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = _build_model(args, prepared.labels)
     train_data = tokenize(prepared.train, tokenizer, args.max_length, args.pad_to_max_length)
     dev_data = {k: tokenize(v, tokenizer, args.max_length, args.pad_to_max_length) for k, v in prepared.devs.items()}
-    if args.overwrite and output_dir.exists() and not args.resume:
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    main_key = f"{next(iter(dev_data))}_{MAIN_METRIC[prepared.metric]}"
+    with training_args.main_process_first(local=False, desc="preparing the output dir"):
+        if training_args.process_index == 0:  # one process (of torchrun's) touches the folder
+            if args.overwrite and output_dir.exists():
+                shutil.rmtree(output_dir)
+            (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (output_dir / "checkpoints" / RUN_ARGS).write_text(json.dumps(_comparable(args), sort_keys=True))
     trainer = Trainer(
         model=model,
-        args=_training_arguments(args, output_dir / "checkpoints", main_key),
+        args=training_args,
         train_dataset=train_data,
         eval_dataset=dev_data,
         processing_class=tokenizer,
@@ -232,9 +280,7 @@ def apply_method(model, method: str, args: TrainArgs):
     if method in ("adakron", "adapter"):
         from .inject import add_adapter
 
-        config = AdaKronConfig(rank=args.rank, kron_factor=1 if method == "adapter" else args.kron_factor,
-                               init=args.init, placement=args.placement)
-        return add_adapter(model, config)
+        return add_adapter(model, adakron_config(args, method))
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -294,17 +340,21 @@ def _metric_function(prepared: Prepared):
 
 
 def epoch_records(log_history: list[dict]) -> list[dict[str, Any]]:
-    """One record per evaluation: epoch, step, train loss since the previous one, dev metrics, seconds."""
-    records, loss = [], None
+    """One record per evaluation: epoch, step, train loss since the previous one, dev metrics of every
+    split (the Trainer logs each split as its own entry), seconds."""
+    records: dict[int, dict[str, Any]] = {}
+    loss = None
     for entry in log_history:
         if "loss" in entry:
             loss = entry["loss"]
-        if any(k.startswith("eval_") and k.endswith("_loss") for k in entry):
-            dev = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(
-                ("_runtime", "_per_second", "_loss"))}
-            records.append({"epoch": round(entry["epoch"], 4), "step": entry["step"], "train_loss": loss,
-                            "dev": dev, "seconds": entry.get("seconds")})
-    return records
+        dev = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(
+            ("_runtime", "_per_second", "_loss"))}
+        if dev:
+            record = records.setdefault(entry["step"], {"epoch": round(entry["epoch"], 4), "step": entry["step"],
+                                                        "train_loss": loss, "dev": {}, "seconds": None})
+            record["dev"].update(dev)
+            record["seconds"] = entry.get("seconds", record["seconds"])
+    return list(records.values())
 
 
 class BarOnlyProgress(ProgressCallback):
@@ -373,7 +423,7 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
     args, output_dir = prepared.args, prepared.output_dir
     model = trainer.model
     records = epoch_records(trainer.state.log_history)
-    main_key = f"{next(iter(prepared.devs))}_{MAIN_METRIC[prepared.metric]}"
+    main_key = prepared.main_key
     best = max(records, key=lambda r: _orderable(r["dev"][main_key]))
     save_trained(model, args.method, output_dir, trainer.processing_class)
     task_info = {"task": args.task and prepared.name, "method": args.method, "text_columns": prepared.text_columns,
