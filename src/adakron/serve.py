@@ -37,6 +37,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, adapter_state_dict, load_adapter, read_adapter
+from .data import UsageError
 from .inject import adapter_names, adapter_parameters, remove_adapter, state_of, task_heads
 from .switching import predict
 
@@ -793,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(model, tokenizer, adapters, adapter_root=args.adapter_root, allow_admin=args.allow_admin,
                          max_rows=args.max_rows, max_chars=args.max_chars, max_wait_ms=args.max_wait_ms,
                          max_batch=args.max_batch)
-    except (ServeError, AdapterLoadError) as e:
+    except (ServeError, AdapterLoadError, UsageError) as e:
         return fail(str(e).splitlines()[0])
     try:
         sock = _bind(args.host, args.port)
