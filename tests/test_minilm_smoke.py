@@ -2,7 +2,9 @@
 
 import json
 
+import torch
 from conftest import sentiment_rows, write_rows
+from safetensors.torch import load_file
 
 import adakron
 from adakron import AdaKronConfig
@@ -22,13 +24,17 @@ def test_minilm_r48_has_149856_adapter_parameters():
     assert adakron.adapter_parameters(model, "default") == 149_856
 
 
-def test_minilm_trains_a_few_steps_and_saves_a_small_checkpoint(tmp_path):
+def test_minilm_trains_a_few_steps_twice_to_the_same_small_checkpoint(tmp_path):
     train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(32, seed=0))
     dev = write_rows(tmp_path / "dev.csv", ["text", "label"], sentiment_rows(16, seed=1))
-    out = tmp_path / "run"
-    assert main(["train", "--train-file", train, "--validation-file", dev, "--text-columns", "text",
-                 "--output-dir", str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "32"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    for name in ("a", "b"):
+        assert main(["train", "--train-file", train, "--validation-file", dev, "--text-columns", "text",
+                     "--output-dir", str(tmp_path / name), "--epochs", "1", "--batch-size", "8",
+                     "--max-length", "32"]) == 0
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert results["trainable_params"] == 57_648 + 770
     assert 0 <= results["best"]["dev_accuracy"] <= 1
-    assert (out / "adapter_model.safetensors").stat().st_size < 1_000_000
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    assert weights.stat().st_size < 1_000_000
+    again = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert all(torch.equal(tensor, again[key]) for key, tensor in load_file(weights).items())
