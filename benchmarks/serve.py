@@ -36,6 +36,8 @@ import transformers
 import adakron
 from adakron import AdaKronConfig
 
+from mixed_batch import _cpu  # noqa: E402  (same folder: benchmarks/)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("the a man woman child dog cat bird car house park city river tree food film book song game team "
          "is was not very quite really runs sleeps eats reads plays loves hates sees finds makes good bad "
@@ -279,16 +281,6 @@ def _cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
