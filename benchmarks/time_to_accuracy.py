@@ -1,0 +1,115 @@
+"""Time to accuracy: training time until SST-2 dev accuracy first reaches a target (default 85%), for
+AdaKron, LoRA (peft) and full fine-tuning, each at the learning rate the quality grid chose on MRPC
+(benchmarks/glue.py) and the SST-2 recipe of `adakron train` (2 epochs, batch 32, length-grouped batches).
+
+The dev set is evaluated every --eval-steps steps and the run stops at the first evaluation at or above
+the target. Reported per method: the step and epoch where it was crossed, the training seconds up to that
+step (wall time minus the time spent evaluating and checkpointing, which depend on how often one
+evaluates, not on the method), the wall seconds including them, and the whole dev-accuracy curve.
+Each method's result is its own JSON under benchmarks/results/time_to_accuracy/ and is skipped when
+present, so the runs can be spread over sittings.
+
+    python benchmarks/time_to_accuracy.py                        # adakron, lora, full (about an hour, 1 core)
+    python benchmarks/time_to_accuracy.py --methods adakron --target 0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from glue import DEFAULT_DATA, METHODS, RESULTS, chosen_lr
+
+HERE = Path(__file__).resolve().parent
+OUT = RESULTS / "time_to_accuracy"
+GRID_KEYS = {"adakron": "adakron16", "lora": "lora", "full": "full"}
+
+
+class StopAtTarget(TrainerCallback):
+    """Keeps a curve of (step, training seconds, wall seconds, accuracy) and stops at the target."""
+
+    def __init__(self, target: float):
+        self.target, self.curve = target, []
+        self.started = self.step_ended = time.time()
+        self.overhead = 0.0  # evaluation + checkpointing
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.step_ended = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_ended = time.time()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        accuracy = metrics["eval_dev_accuracy"]
+        self.curve.append({"step": state.global_step, "epoch": round(state.epoch, 4), "accuracy": accuracy,
+                           "train_seconds": round(self.step_ended - self.started - self.overhead, 2),
+                           "wall_seconds": round(time.time() - self.started, 2)})
+        if accuracy >= self.target:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.overhead += time.time() - self.step_ended  # evaluation and saving ran since the step ended
+
+
+def run(method: str, lr: float, args) -> dict:
+    from adakron.train import TrainArgs, fit
+
+    scratch = HERE.parent / "runs" / "time_to_accuracy" / method
+    stopper = StopAtTarget(args.target)
+    print(f"== {method} lr {lr:g}", flush=True)
+    fit(TrainArgs(task="sst2", data_dir=str(args.data_dir), method=method, lr=lr, seed=args.seed,
+                  eval_steps=args.eval_steps, output_dir=str(scratch), overwrite=True, plot=False),
+        callbacks=[stopper])
+    shutil.rmtree(scratch, ignore_errors=True)
+    reached = next((point for point in stopper.curve if point["accuracy"] >= args.target), None)
+    import torch
+
+    return {"method": method, "lr": lr, "target": args.target, "eval_steps": args.eval_steps,
+            "seed": args.seed, "threads": torch.get_num_threads(), "reached": reached, "curve": stopper.curve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(GRID_KEYS))
+    parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(GRID_KEYS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(GRID_KEYS)}")
+    if not (args.data_dir / "SST-2").is_dir():
+        print(f"SST-2 not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
+        return 0
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        lr = chosen_lr(METHODS[GRID_KEYS[method]], RESULTS / "glue")
+        if lr is None:
+            print(f"skipping {method}: its MRPC learning-rate runs have not finished (python benchmarks/glue.py)")
+            continue
+        path = OUT / f"sst2-{method}-target{args.target:g}-s{args.seed}.json"
+        if path.exists():
+            continue
+        result = run(method, lr, args)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+        reached = result["reached"]
+        print(f"{method}: " + (f"{reached['accuracy']:.4f} at step {reached['step']}, "
+                               f"{reached['train_seconds']:.0f} s training" if reached else "target not reached"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
