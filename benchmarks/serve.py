@@ -32,16 +32,13 @@ from pathlib import Path
 import httpx
 import torch
 import transformers
+from mixed_batch import _cpu
 
 import adakron
 from adakron import AdaKronConfig
 
-from mixed_batch import _cpu  # noqa: E402  (same folder: benchmarks/)
-
 RESULTS = Path(__file__).resolve().parent / "results"
-WORDS = ("the a man woman child dog cat bird car house park city river tree food film book song game team "
-         "is was not very quite really runs sleeps eats reads plays loves hates sees finds makes good bad "
-         "happy sad big small old new red blue quickly slowly today yesterday and but because with without").split()
+WORDS = ["the", "a", "man", "woman", "child", "dog", "cat", "bird", "car", "house", "park", "city", "river", "tree", "food", "film", "book", "song", "game", "team", "is", "was", "not", "very", "quite", "really", "runs", "sleeps", "eats", "reads", "plays", "loves", "hates", "sees", "finds", "makes", "good", "bad", "happy", "sad", "big", "small", "old", "new", "red", "blue", "quickly", "slowly", "today", "yesterday", "and", "but", "because", "with", "without"]
 # (head width, text columns): a pair task, a regression pair task, a 3-way single-sentence task, ...
 KINDS = [(2, ["sentence1", "sentence2"]), (1, ["sentence1", "sentence2"]), (3, ["sentence"]), (2, ["sentence"])]
 

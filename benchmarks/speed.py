@@ -278,6 +278,7 @@ def memory_child(args) -> dict:
     """Runs in its own process: the peak memory of a few training steps of one method on one model."""
     model_name, method = args.models[0], args.methods[0]
     import peft  # noqa: F401  every method's process imports the same modules, so the baselines compare
+
     import adakron.train  # noqa: F401
 
     rss_start = _status_kib("VmRSS") * 1024

@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from glue import DEFAULT_DATA, METHODS, RESULTS, chosen_lr
+from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "time_to_accuracy"

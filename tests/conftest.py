@@ -84,7 +84,7 @@ def sentiment_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> li
     import random
 
     rng = random.Random(seed)
-    filler = "the a movie film plot actor story is was very really quite".split()
+    filler = ["the", "a", "movie", "film", "plot", "actor", "story", "is", "was", "very", "really", "quite"]
     rows = []
     for i in range(n):
         positive = i % 2 == 0

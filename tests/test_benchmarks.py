@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from glue import claim  # noqa: E402
+from glue import claim
 
 
 def test_a_free_run_is_claimed_once(tmp_path):

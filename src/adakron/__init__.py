@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter  # noqa: E402
-from .config import AdaKronConfig  # noqa: E402
-from .inject import (  # noqa: E402
+from .checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter
+from .config import AdaKronConfig
+from .inject import (
     adapter_names,
     adapter_parameters,
     add_adapter,
@@ -13,11 +13,12 @@ from .inject import (  # noqa: E402
     trainable_parameters,
     unload,
 )
-from .switching import active_adapter, disable_adapters, predict, route_rows, set_active_adapter, use_adapter  # noqa: E402
+from .switching import active_adapter, disable_adapters, predict, route_rows, set_active_adapter, use_adapter
 
 __all__ = [
     "AdaKronConfig",
     "AdapterLoadError",
+    "__version__",
     "active_adapter",
     "adapter_names",
     "adapter_parameters",
@@ -34,5 +35,4 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "use_adapter",
-    "__version__",
 ]

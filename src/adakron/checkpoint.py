@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .config import FORMAT_VERSION, METADATA_KEYS, AdaKronConfig
-from .inject import STATE_ATTR, add_adapter, adapter_names, remove_adapter, state_of
+from .inject import STATE_ATTR, adapter_names, add_adapter, remove_adapter, state_of
 from .layer import AdaKronLayer, TaskHeads
 
 CONFIG_NAME = "adapter_config.json"

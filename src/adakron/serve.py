@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import re
+import signal
 import socket
 import sys
 import threading
@@ -481,7 +482,7 @@ class MicroBatcher:
             self._running = batch
             try:
                 results = await loop.run_in_executor(self._executor, self.engine.run, batch)
-            except Exception as e:  # noqa: BLE001 -- one bad batch must not stop the server
+            except Exception as e:
                 logger.exception("Forward pass failed")
                 results = [ServeError(500, "internal_error", f"The forward pass failed: {type(e).__name__}: {e}")
                            ] * len(batch)
@@ -804,6 +805,14 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
 
     class Server(uvicorn.Server):
+        stopped_by: int | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn re-raises the signal after shutting down, but a SIGINT inherited as ignored (a job started
+            # in the background by a shell) is then lost: remember it to exit 130 either way.
+            self.stopped_by = sig
+            super().handle_exit(sig, frame)
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started:  # uvicorn does not log the address of a socket it was handed
@@ -819,10 +828,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
+    except KeyboardInterrupt:  # the re-raised SIGINT
         return 130
     finally:
         sock.close()
+    if server.stopped_by == signal.SIGINT:
+        return 130
     return 0 if server.started else 1
 
 

@@ -21,8 +21,8 @@ from transformers import ProgressCallback, TrainerCallback
 from . import __version__
 from .config import AdaKronConfig
 from .data import Examples, LabelSpace, UsageError, encode_labels, infer_label_space, read_file, tokenize
-from .inject import trainable_parameters
 from .glue import get_task, load_glue
+from .inject import trainable_parameters
 from .metrics import MAIN_METRIC, compute, predictions_from_logits
 
 logger = logging.getLogger(__name__)
