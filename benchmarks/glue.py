@@ -80,6 +80,8 @@ def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path)
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         max_length=64 if args.quick else None))
     results["method_key"] = method.key
+    metrics = scratch / "metrics.jsonl"  # the per-epoch curve, kept for diagnosis (the run folder is deleted)
+    results["epochs"] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
