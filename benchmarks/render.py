@@ -66,7 +66,10 @@ def glue_section(folder: Path) -> list[str]:
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", "Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
-              ". Trainable parameters include the task head (770 for two labels).", ""]
+              ". Trainable parameters include the task head (770 for two labels).",
+              "", f"Compute: the {len(results)} finished runs took {sum(r['wall_seconds'] for r in results) / 3600:.1f} "
+              "CPU-hours (each run one torch thread, wall time summed; usually two runs shared the 2 cores). The "
+              "epochs were chosen so the whole grid fits a budget of 12 CPU-hours.", ""]
     if points:
         _plot(points, HERE / "results" / "glue_params.png")
         lines += ["![average GLUE score against trainable parameters](results/glue_params.png)", ""]
