@@ -1,6 +1,8 @@
 """GLUE quality benchmark: AdaKron against full fine-tuning, LoRA (peft) and the plain adapter, on the
 embedded all-MiniLM-L6-v2. Resumable: every run writes its own JSON under benchmarks/results/glue/ and
-is skipped when that file exists, so the grid can be completed over several sittings.
+is skipped when that file exists, so the grid can be completed over several sittings. Several workers may
+share the grid (e.g. one per core, each with OMP_NUM_THREADS=1): a run is claimed by a lock file beside its
+result, and a lock left by a worker that died is taken over.
 
     python benchmarks/glue.py                      # the whole grid (hours on a 2-core CPU; resumable)
     python benchmarks/glue.py --tasks rte --methods adakron16 --seeds 42
