@@ -209,6 +209,8 @@ def render() -> Path:
         lines += [f"- {p.stem}: {json.loads(p.read_text())['best']}" for p in sorted(quick.glob("*.json"))]
         lines += ["", "</details>", ""]
     lines += _included("speed.md", "Speed and memory")
+    for path in sorted(RESULTS.glob("profile-*.md")):
+        lines += [f"<details><summary>{path.name}</summary>", "", path.read_text().rstrip(), "", "</details>", ""]
     lines += time_to_accuracy_section()
     lines += serving_section()
     out = HERE / "RESULTS.md"
