@@ -121,11 +121,13 @@ def _plot(points, path: Path) -> None:
     plt.close(fig)
 
 
-def _included(name: str, title: str) -> list[str]:
-    path = RESULTS / name
+def speed_section() -> list[str]:
+    path = RESULTS / "speed.json"
     if not path.exists():
-        return [f"## {title}", "", f"Not measured yet (`{name}` is missing).", ""]
-    return [path.read_text().rstrip(), ""]
+        return ["## Speed and memory", "", "Not measured yet: `python benchmarks/speed.py`.", ""]
+    from speed import markdown  # rendered from the JSON, so the tables follow the current format
+
+    return ["## Speed and memory (`python benchmarks/speed.py`)", "", markdown(json.loads(path.read_text())), ""]
 
 
 def serving_section() -> list[str]:
@@ -208,7 +210,7 @@ def render() -> Path:
         lines += ["<details><summary>Quick mode (128 rows, 1 epoch): a smoke check, not a result</summary>", ""]
         lines += [f"- {p.stem}: {json.loads(p.read_text())['best']}" for p in sorted(quick.glob("*.json"))]
         lines += ["", "</details>", ""]
-    lines += _included("speed.md", "Speed and memory")
+    lines += speed_section()
     for path in sorted(RESULTS.glob("profile-*.md")):
         lines += [f"<details><summary>{path.name}</summary>", "", path.read_text().rstrip(), "", "</details>", ""]
     lines += time_to_accuracy_section()
