@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if lr is None:
             print(f"skipping {method}: its MRPC learning-rate runs have not finished (python benchmarks/glue.py)")
             continue
-        path = OUT / f"sst2-{method}-target{args.target:g}-s{args.seed}.json"
+        path = OUT / f"sst2-{method}-lr{lr:g}-target{args.target:g}-s{args.seed}.json"
         if path.exists():
             continue
         result = run(method, lr, args)
