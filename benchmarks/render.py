@@ -170,8 +170,12 @@ def time_to_accuracy_section() -> list[str]:
               "1-thread job on the machine's other core. Training seconds leave out evaluation and checkpointing.",
               "", "| method | lr | reached at step (epoch) | accuracy then | training s | wall s incl. eval | "
               "s/step |", "|---|---|---:|---:|---:|---:|---:|"]
+    grid_key = {"adakron": "adakron16", "lora": "lora", "full": "full"}
     for r in runs:
         hit = r["reached"]
+        chosen = chosen_lr(METHODS[grid_key[r["method"]]], RESULTS / "glue")
+        if chosen != r["lr"]:
+            r["method"] += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
         if hit:
             lines.append(f"| {r['method']} | {r['lr']:g} | {hit['step']} ({hit['epoch']:.2f}) | "
                          f"{100 * hit['accuracy']:.1f} | {hit['train_seconds']:.0f} | {hit['wall_seconds']:.0f} | "
