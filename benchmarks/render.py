@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from glue import ABLATIONS, EPOCHS, METHODS, MULTI_SEED, RESULTS, SEEDS, TASKS, chosen_lr, score
+from glue import ABLATIONS, EPOCHS, METHODS, MULTI_SEED, RESULTS, SEEDS, TASKS, chosen_lr, run_id, score
 
 HERE = Path(__file__).resolve().parent
 NAMES = {"adakron16": "AdaKron r=16 f=4", "adakron48": "AdaKron r=48 f=4", "adapter": "Adapter r=16 (plain)",
@@ -89,19 +89,25 @@ def _lr_table(results: list[dict]) -> str:
 
 
 def _ablation_table(folder: Path, lr: float | None) -> list[str]:
-    lines = ["### Ablations on MRPC (F1, seed 42, AdaKron r=16)", ""]
-    if lr is None:
+    """One column per learning rate at which any ablation ran; the grid's chosen lr is marked."""
+    lines = ["### Ablations on MRPC (F1 best / last epoch, seed 42, AdaKron r=16)", ""]
+    variants = [("reference init, f=4 (default)", METHODS["adakron16"])] + list(ABLATIONS)
+    lrs = sorted({lr_ for _, m in ABLATIONS for lr_ in METHODS["adakron16"].lr_grid
+                  if (folder / f"{run_id('mrpc', m, 42, lr_)}.json").exists()} | ({lr} if lr else set()))
+    if not lrs:
         return lines + ["Pending the learning-rate selection.", ""]
-    base = folder / f"mrpc-adakron16-s42-lr{lr:g}.json"
-    rows = [("reference init, f=4 (default)", base)] + [
-        (label, folder / f"mrpc-{m.key}-s42-lr{lr:g}.json") for label, m in ABLATIONS]
-    lines += ["| variant | best F1 | last F1 |", "|---|---|---|"]
-    for label, path in rows:
-        if path.exists():
-            r = json.loads(path.read_text())
-            lines.append(f"| {label} | {score(r, 'mrpc'):.1f} | {score(r, 'mrpc', 'last'):.1f} |")
-        else:
-            lines.append(f"| {label} | (pending) | |")
+    heads = [f"lr {x:g}" + (" (chosen)" if x == lr else "") for x in lrs]
+    lines += ["| variant | " + " | ".join(heads) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for label, method in variants:
+        cells = []
+        for x in lrs:
+            path = folder / f"{run_id('mrpc', method, 42, x)}.json"
+            if path.exists():
+                r = json.loads(path.read_text())
+                cells.append(f"{score(r, 'mrpc'):.1f} / {score(r, 'mrpc', 'last'):.1f}")
+            else:
+                cells.append("(pending)" if x == lr else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
