@@ -180,15 +180,16 @@ def time_to_accuracy_section() -> list[str]:
     for r in runs:
         hit = r["reached"]
         chosen = chosen_lr(METHODS[grid_key[r["method"]]], RESULTS / "glue")
+        name = r["method"]
         if chosen != r["lr"]:
-            r["method"] += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
+            name += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
         if hit:
-            lines.append(f"| {r['method']} | {r['lr']:g} | {hit['step']} ({hit['epoch']:.2f}) | "
+            lines.append(f"| {name} | {r['lr']:g} | {hit['step']} ({hit['epoch']:.2f}) | "
                          f"{100 * hit['accuracy']:.1f} | {hit['train_seconds']:.0f} | {hit['wall_seconds']:.0f} | "
                          f"{hit['train_seconds'] / hit['step']:.3f} |")
         else:
             best = max(point["accuracy"] for point in r["curve"])
-            lines.append(f"| {r['method']} | {r['lr']:g} | not reached (best {100 * best:.1f}) | | | | |")
+            lines.append(f"| {name} | {r['lr']:g} | not reached (best {100 * best:.1f}) | | | | |")
     _plot_curves(runs, RESULTS / "time_to_accuracy.png")
     return lines + ["", "![SST-2 dev accuracy against training time](results/time_to_accuracy.png)", ""]
 
