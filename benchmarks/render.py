@@ -222,7 +222,15 @@ def render() -> Path:
         lines += [f"- {p.stem}: {json.loads(p.read_text())['best']}" for p in sorted(quick.glob("*.json"))]
         lines += ["", "</details>", ""]
     lines += speed_section()
-    for path in sorted(RESULTS.glob("profile-*.md")):
+    profiles = sorted(RESULTS.glob("profile-*.md"))
+    if profiles:
+        lines += ["Where the time goes (torch.profiler, below): in every method the frozen backbone's matmuls "
+                  "(`aten::addmm`, `aten::mm`, `aten::bmm`) are most of the step. What LoRA adds over AdaKron is its "
+                  "own matmuls (more `aten::mm` calls), a dropout mask on the input of each of its 2 sites per layer "
+                  "(`aten::bernoulli_`) and the scaling multiplies (`aten::mul`); AdaKron adds one small down/up pair "
+                  "per layer and no dropout, which is why it sits at `gate`'s cost. Profiles run beside other jobs "
+                  "(workers at low priority), and the profiler's own overhead inflates all ops alike.", ""]
+    for path in profiles:
         lines += [f"<details><summary>{path.name}</summary>", "", path.read_text().rstrip(), "", "</details>", ""]
     lines += time_to_accuracy_section()
     lines += serving_section()
