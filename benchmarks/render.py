@@ -63,6 +63,8 @@ def glue_section(folder: Path) -> list[str]:
         param_text = f"{params[0]:,} ({params[1]:.2f}%)" if params else "–"
         wall = f"{statistics.mean(walls):.0f}" if walls else "–"
         lr = f"{chosen[key]:g}" if chosen[key] else "(pending)"
+        if chosen[key] == max(METHODS[key].lr_grid):
+            lr += " (top of its grid)"
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", "Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
