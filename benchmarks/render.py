@@ -77,6 +77,7 @@ def glue_section(folder: Path) -> list[str]:
         lines += ["![average GLUE score against trainable parameters](results/glue_params.png)", ""]
     lines += _lr_table(results), ""
     lines += _ablation_table(folder, chosen.get("adakron16"))
+    lines += _loss_curves(results)
     return lines
 
 
@@ -88,6 +89,21 @@ def _lr_table(results: list[dict]) -> str:
                     and r["hyperparameters"]["lr"] in method.lr_grid:
                 rows.append(f"| {NAMES[key]} | {r['hyperparameters']['lr']:g} | {score(r, 'mrpc'):.1f} |")
     return "\n".join(rows)
+
+
+def _loss_curves(results: list[dict], lr: float = 2e-3) -> list[str]:
+    """Train loss per epoch of the MRPC runs at one shared lr: how fast each method starts to learn."""
+    runs = [r for r in results if r["task"] == "mrpc" and r["seed"] == 42 and r["hyperparameters"]["lr"] == lr
+            and r.get("epochs") and r["method_key"] in METHODS]
+    if not runs:
+        return []
+    epochs = max(len(r["epochs"]) for r in runs)
+    lines = [f"### MRPC train loss per epoch at lr {lr:g} (seed 42)", "",
+             "| method | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |", "|---" * (epochs + 1) + "|"]
+    for r in sorted(runs, key=lambda r: list(METHODS).index(r["method_key"])):
+        losses = [f"{e['train_loss']:.3f}" for e in r["epochs"]]
+        lines.append(f"| {NAMES[r['method_key']]} | " + " | ".join(losses) + " |")
+    return lines + [""]
 
 
 def _ablation_table(folder: Path, lr: float | None) -> list[str]:
