@@ -69,9 +69,10 @@ def glue_section(folder: Path) -> list[str]:
     lines += ["", "Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
               ". Trainable parameters include the task head (770 for two labels).",
-              "", f"Compute: the {len(results)} finished runs took {sum(r['wall_seconds'] for r in results) / 3600:.1f} "
-              "CPU-hours (each run one torch thread, wall time summed; usually two runs shared the 2 cores). The "
-              "epochs were chosen so the whole grid fits a budget of 12 CPU-hours.", ""]
+              "", f"Compute: the {len(results)} finished runs took "
+              f"{sum(r['wall_seconds'] for r in results) / 3600:.1f} CPU-hours (each run one torch thread, wall time "
+              "summed; usually two runs shared the 2 cores). The epochs were chosen so the whole grid fits a budget "
+              "of 12 CPU-hours.", ""]
     if points:
         _plot(points, HERE / "results" / "glue_params.png")
         lines += ["![average GLUE score against trainable parameters](results/glue_params.png)", ""]
@@ -166,8 +167,8 @@ def serving_section() -> list[str]:
                   f"{m['rounds']} interleaved rounds.", "",
                   "| batch | median s | rows/s |", "|---|---:|---:|",
                   f"| one adapter | {r['single']['median_s']:.3f} | {r['single']['rows_per_s']:.1f} |",
-                  f"| {m['adapters']} adapters, {m['batch'] // m['adapters']} rows each | {r['mixed']['median_s']:.3f} | "
-                  f"{r['mixed']['rows_per_s']:.1f} |", "",
+                  f"| {m['adapters']} adapters, {m['batch'] // m['adapters']} rows each | "
+                  f"{r['mixed']['median_s']:.3f} | {r['mixed']['rows_per_s']:.1f} |", "",
                   f"Mixed throughput = **{m['mixed_over_single']:.3f} x** single-adapter (goal >= {m['goal']}).", ""]
     runs = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("serve*.json"))]
     if runs:
