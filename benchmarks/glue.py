@@ -2,7 +2,8 @@
 embedded all-MiniLM-L6-v2. Resumable: every run writes its own JSON under benchmarks/results/glue/ and
 is skipped when that file exists, so the grid can be completed over several sittings. Several workers may
 share the grid (e.g. one per core, each with OMP_NUM_THREADS=1): a run is claimed by a lock file beside its
-result, and a lock left by a worker that died is taken over.
+result (an flock, released by the kernel if a worker dies). A method's runs wait for its MRPC lr selection: a
+worker skips them while another worker still runs that selection, so rerun the workers until nothing is left.
 
     python benchmarks/glue.py                      # the whole grid (hours on a 2-core CPU; resumable)
     python benchmarks/glue.py --tasks rte --methods adakron16 --seeds 42
@@ -13,11 +14,13 @@ result, and a lock left by a worker that died is taken over.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +68,23 @@ def run_id(task: str, method: Method, seed: int, lr: float) -> str:
 
 
 def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path) -> dict | None:
-    """Train one configuration unless its result file exists; returns the stored result."""
+    """Train one configuration unless its result file exists (or another worker is training it);
+    returns the stored result."""
     path = folder / f"{run_id(task, method, seed, lr)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if not claim(path.with_suffix(".lock")):
-        print(f"-- {path.stem}: another worker is running it", flush=True)
-        return None
+    with claimed(path.with_suffix(".lock")) as mine:
+        if not mine:
+            print(f"-- {path.stem}: another worker is running it", flush=True)
+            return None
+        if path.exists():  # finished by another worker between our check and our claim
+            return json.loads(path.read_text())
+        return _train(task, method, seed, lr, args, path)
+
+
+def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) -> dict:
+    import torch
+
     from adakron.train import TrainArgs, fit
 
     scratch = HERE.parent / "runs" / "bench" / path.stem
@@ -83,41 +96,37 @@ def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path)
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         max_length=64 if args.quick else None))
     results["method_key"] = method.key
+    results["threads"] = torch.get_num_threads()
     metrics = scratch / "metrics.jsonl"  # the per-epoch curve, kept for diagnosis (the run folder is deleted)
     results["epochs"] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
     os.replace(tmp, path)
-    path.with_suffix(".lock").unlink()
     shutil.rmtree(scratch, ignore_errors=True)
     return results
 
 
-def claim(lock: Path) -> bool:
-    """Lets several workers share the grid: a run is claimed by creating its lock file, which names the
-    worker's pid; a lock whose process has died (an interrupted sitting) is taken over."""
+@contextmanager
+def claimed(lock: Path):
+    """Lets several workers share the grid: yields True to the one worker holding an exclusive flock on
+    ``lock``, False to the others. The kernel drops the flock when its process dies, so an interrupted
+    sitting leaves nothing to clean up; the file only names the holder's pid, for people."""
     lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
     try:
-        with open(lock, "x") as f:
-            f.write(str(os.getpid()))
-        return True
-    except FileExistsError:
-        owner = lock.read_text().strip()
-    if owner.isdigit() and _alive(int(owner)):
-        return False
-    lock.write_text(str(os.getpid()))
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)  # before the flock goes: a late opener then finds the result
+    finally:
+        os.close(fd)
 
 
 def score(result: dict, task: str, which: str = "best") -> float:
@@ -175,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.tasks) - set(TASKS))
     if unknown:
         parser.error(f"unknown methods/tasks {unknown}; methods: {list(METHODS)}, tasks: {list(TASKS)}")
+    if not set(args.seeds) <= set(SEEDS):
+        parser.error(f"--seeds must be among the grid's seeds {list(SEEDS)}")
     if not args.render:
         if not (args.data_dir / "RTE").is_dir():
             print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")

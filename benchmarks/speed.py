@@ -556,7 +556,8 @@ def profile(args) -> None:
             tb, cb = totals[b].get(k, (0, 0))
             text.append(f"| {k} | {ta / 1e3:.1f} | {ca} | {tb / 1e3:.1f} | {cb} | {(ta - tb) / 1e3:+.1f} |")
     print("\n".join(text))
-    out = RESULTS / f"profile-{model_name}-{'-'.join(args.profile)}.md"
+    device = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
+    out = RESULTS / f"profile-{model_name}{device}-{'-'.join(args.profile)}.md"
     out.write_text(f"# `python benchmarks/speed.py --models {model_name} --threads {args.threads} --profile "
                    f"{','.join(args.profile)}`\n" + "\n".join(text) + "\n")
     log(f"wrote {out}")

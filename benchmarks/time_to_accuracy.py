@@ -5,7 +5,7 @@ AdaKron, LoRA (peft) and full fine-tuning, each at the learning rate the quality
 The dev set is evaluated every --eval-steps steps and the run stops at the first evaluation at or above
 the target. Reported per method: the step and epoch where it was crossed, the training seconds up to that
 step (wall time minus the time spent evaluating and checkpointing, which depend on how often one
-evaluates, not on the method), the wall seconds including them, and the whole dev-accuracy curve.
+evaluates, not on the method), the wall seconds up to the end of that evaluation, and the whole curve.
 Each method's result is its own JSON under benchmarks/results/time_to_accuracy/ and is skipped when
 present, so the runs can be spread over sittings.
 
@@ -37,24 +37,28 @@ class StopAtTarget(TrainerCallback):
     def __init__(self, target: float):
         self.target, self.curve = target, []
         self.started = self.step_ended = time.time()
-        self.overhead = 0.0  # evaluation + checkpointing
+        self.overhead = 0.0  # evaluation and checkpointing: from the end of an evaluated step to the next step
+        self.evaluated = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = self.step_ended = time.time()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.evaluated:
+            self.overhead += time.time() - self.step_ended
+            self.evaluated = False
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_ended = time.time()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         accuracy = metrics["eval_dev_accuracy"]
+        self.evaluated = True
         self.curve.append({"step": state.global_step, "epoch": round(state.epoch, 4), "accuracy": accuracy,
                            "train_seconds": round(self.step_ended - self.started - self.overhead, 2),
                            "wall_seconds": round(time.time() - self.started, 2)})
         if accuracy >= self.target:
             control.should_training_stop = True
-
-    def on_save(self, args, state, control, **kwargs):
-        self.overhead += time.time() - self.step_ended  # evaluation and saving ran since the step ended
 
 
 def run(method: str, lr: float, args) -> dict:

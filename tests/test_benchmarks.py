@@ -1,24 +1,29 @@
 """The GLUE grid's run claims, which let several background workers share one resumable grid."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from glue import claim
+from glue import claimed
 
 
-def test_a_free_run_is_claimed_once(tmp_path):
+def test_a_run_is_claimed_by_one_worker_at_a_time(tmp_path):
     lock = tmp_path / "rte-adakron16-s42-lr0.001.lock"
-    assert claim(lock)
-    assert lock.read_text() == str(os.getpid())
-    assert not claim(lock)  # held by a live process (this one)
+    with claimed(lock) as first:
+        assert first
+        with claimed(lock) as second:  # another open file description: as another worker would hold
+            assert not second
+    assert not lock.exists()
+    with claimed(lock) as again:
+        assert again
 
 
-def test_a_lock_left_by_a_dead_worker_is_taken_over(tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+def test_the_lock_of_a_worker_that_died_is_free(tmp_path):
     lock = tmp_path / "run.lock"
-    lock.write_text(finished.stdout.strip())
-    assert claim(lock)
-    assert lock.read_text() == str(os.getpid())
+    dies_holding_it = (f"import fcntl, os; fd = os.open({str(lock)!r}, os.O_CREAT | os.O_RDWR); "
+                       "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'1'); os._exit(0)")
+    subprocess.run([sys.executable, "-c", dies_holding_it], check=True)
+    assert lock.exists()
+    with claimed(lock) as mine:
+        assert mine

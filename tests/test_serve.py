@@ -441,11 +441,12 @@ def _serve_process(work, *args: str, ignore_sigint: bool = False
                "--threads", "1", *args]
     # A shell starts background jobs with SIGINT ignored (the child inherits that); the server must still
     # stop on it, exiting 130.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.getsignal(signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore_sigint else None
     try:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, previous)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
     reader.start()
