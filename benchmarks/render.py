@@ -54,7 +54,8 @@ def glue_section(folder: Path) -> list[str]:
             cells.append(f"{_mean_std(best)} ({_mean_std(last)})" if runs else "–")
             if runs:
                 means.append(statistics.mean(best))
-                params = (runs[0]["trainable_params"], runs[0]["trainable_percent"])
+                # With a two-label head (the tasks' heads differ: 770 for two labels, 385 for STS-B's one output).
+                params = params or (runs[0]["trainable_params"], runs[0]["trainable_percent"])
                 walls += [r["wall_seconds"] for r in runs]
         complete = len(means) == len(TASKS)
         avg = f"{statistics.mean(means):.1f}" if complete else "–"
@@ -68,7 +69,7 @@ def glue_section(folder: Path) -> list[str]:
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", "Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
-              ". Trainable parameters include the task head (770 for two labels).",
+              ". Trainable parameters include a two-label task head (770 parameters; STS-B's one output has 385).",
               "", f"Compute: the {len(results)} finished runs took "
               f"{sum(r['wall_seconds'] for r in results) / 3600:.1f} hours of wall time summed over runs (here: "
               "one torch thread per run, two runs at a time on the 2 cores). The epochs were chosen so the whole "
