@@ -195,10 +195,11 @@ def time_to_accuracy_section() -> list[str]:
               "machine's other core.",
               "", "| method | lr | target | eval every | threads | reached at step (epoch) | accuracy then | "
               "training s | wall s incl. eval | s/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    grid_key = {"adakron": "adakron16", "lora": "lora", "full": "full"}
+    from time_to_accuracy import GRID_KEYS
+
     for r in runs:
         hit = r["reached"]
-        chosen = chosen_lr(METHODS[grid_key[r["method"]]], RESULTS / "glue")
+        chosen = chosen_lr(METHODS[GRID_KEYS[r["method"]]], RESULTS / "glue")
         name = r["method"]
         if chosen != r["lr"]:
             name += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
