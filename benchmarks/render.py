@@ -22,15 +22,21 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _unfinished() -> bool:
+    return len(list((RESULTS / "glue").glob("*.json"))) < _expected_runs()
+
+
 def _expected_runs() -> int:
     grid = sum(len(SEEDS) if (t, m) in MULTI_SEED else 1 for t in TASKS for m in METHODS)
     lr_only = sum(len(m.lr_grid) - 1 for m in METHODS.values())
     return grid + lr_only + len(ABLATIONS)
 
 
-def glue_section(folder: Path) -> list[str]:
+def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CPU)", first_pass: bool = False
+                 ) -> list[str]:
+    """The GLUE tables of one grid; ``first_pass`` renders the superseded frozen-pooler grid kept for the record."""
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    lines = ["## GLUE dev (all-MiniLM-L6-v2, CPU)", ""]
+    lines = [heading, ""]
     if not results:
         return lines + ["No runs have finished yet: `python benchmarks/glue.py`.", ""]
     chosen = {key: chosen_lr(m, folder) for key, m in METHODS.items()}
@@ -39,13 +45,18 @@ def glue_section(folder: Path) -> list[str]:
         key, task, lr = r["method_key"], r["task"], r["hyperparameters"]["lr"]
         if key in chosen and lr == chosen[key]:
             by_cell[key, task].append(r)
-    lines += [f"{len(results)} of {_expected_runs()} planned runs have finished. Best-epoch dev score "
+    done = (f"{len(results)} PEFT runs finished before the pass was stopped (full fine-tuning trains the pooler "
+            "anyway: its runs are in the table above)." if first_pass
+            else f"{len(results)} of {_expected_runs()} planned runs have finished.")
+    lines += [f"{done} Best-epoch dev score "
               "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
               "Matthews, accuracy elsewhere; ×100.", "",
               "| method | lr | " + " | ".join(t.upper() for t in TASKS) + " | avg | trainable params | "
               "wall s/run |", "|---" * (len(TASKS) + 5) + "|"]
     points = []
     for key in METHODS:
+        if first_pass and not any(r["method_key"] == key for r in results):
+            continue
         cells, means, params, walls = [], [], None, []
         for task in TASKS:
             runs = by_cell[key, task]
@@ -69,14 +80,16 @@ def glue_section(folder: Path) -> list[str]:
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", "Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
-              ". Trainable parameters include a two-label task head (770 parameters; STS-B's one output has 385).",
+              (". Trainable parameters include a two-label classifier (770 parameters; STS-B's one output has 385)"
+               + ("." if first_pass else " and, for every method, the pooler (147,840).")),
               "", f"Compute: the {len(results)} finished runs took "
               f"{sum(r['wall_seconds'] for r in results) / 3600:.1f} hours of wall time summed over runs (here: "
               "one torch thread per run, two runs at a time on the 2 cores). The epochs were chosen so the whole "
               "grid fits a budget of 12 CPU-hours.", ""]
     if points:
-        _plot(points, HERE / "results" / "glue_params.png")
-        lines += ["![average GLUE score against trainable parameters](results/glue_params.png)", ""]
+        plot = folder.relative_to(HERE) / "glue_params.png" if first_pass else Path("results/glue_params.png")
+        _plot(points, HERE / plot)
+        lines += [f"![average GLUE score against trainable parameters]({plot.as_posix()})", ""]
     lines += _lr_table(results), ""
     lines += _ablation_table(folder, chosen.get("adakron16"))
     lines += _loss_curves(results)
@@ -86,7 +99,7 @@ def glue_section(folder: Path) -> list[str]:
 def _lr_table(results: list[dict]) -> str:
     rows = ["### Learning-rate selection (MRPC F1, seed 42)", "", "| method | lr | F1 |", "|---|---|---|"]
     for key, method in METHODS.items():
-        for r in results:
+        for r in sorted(results, key=lambda r: r["hyperparameters"]["lr"]):
             if r["method_key"] == key and r["task"] == "mrpc" and r["seed"] == 42 \
                     and r["hyperparameters"]["lr"] in method.lr_grid:
                 rows.append(f"| {NAMES[key]} | {r['hyperparameters']['lr']:g} | {score(r, 'mrpc'):.1f} |")
@@ -184,9 +197,44 @@ def serving_section() -> list[str]:
     return lines
 
 
-def time_to_accuracy_section() -> list[str]:
-    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "time_to_accuracy").glob("*.json"))]
-    lines = ["## Time to accuracy (SST-2)", ""]
+def pooler_section() -> list[str]:
+    """Why the pooler trains with every PEFT method's head: the probe, then the superseded first pass."""
+    lines = ["## The pooler belongs to the head", "",
+             "BERT's sequence classifier reads the pooler (dense + tanh over the first token), which lives inside "
+             "the backbone, so a frozen backbone froze it too (peft's LoRA default does the same). all-MiniLM-L6-v2 "
+             "was trained with mean pooling and ships an untrained pooler (zero bias, weights of std 0.009): frozen, "
+             "it hands the classifier a small random projection of the first token. In a first pass of the grid "
+             "(below) AdaKron and LoRA sat at the constant prediction for epochs where the plain adapter got going "
+             "(STS-B, CoLA). RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
+             "does the AdaMix code the authors built on, for RoBERTa); so now every method's head is the pooler plus "
+             "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`)"
+             + (", and the grid above is being rerun that way." if _unfinished() else "; the grid above ran that way."),
+             ""]
+    probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]
+    if probes:
+        steps = [point["step"] for point in probes[0]["curve"]]
+        lines += [f"`python benchmarks/pooler_probe.py`: STS-B, batch {probes[0]['batch']}, seed {probes[0]['seed']}, "
+                  f"dev Pearson ×100 on the first {probes[0]['dev_rows']} dev rows, each method at its first-pass lr, "
+                  "AdamW with 6% warm-up and linear decay over the steps shown.", "",
+                  "| method | lr | pooler | trainable params | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|---:|---|---:|" + "---:|" * len(steps)]
+        for r in sorted(probes, key=lambda r: (r["method"], r["train_pooler"])):
+            lines.append(f"| {r['method']} | {r['lr']:g} | {'trained' if r['train_pooler'] else 'frozen'} | "
+                         f"{r['trainable_params']:,} | "
+                         + " | ".join(f"{100 * p['dev_pearson']:.1f}" for p in r["curve"]) + " |")
+        lines.append("")
+    first = RESULTS / "frozen-pooler"
+    lines += ["<details><summary>First pass of the grid, pooler frozen (superseded)</summary>", ""]
+    lines += glue_section(first / "glue", "### GLUE dev, pooler frozen", first_pass=True)
+    lines += time_to_accuracy_section(first / "time_to_accuracy", first / "glue",
+                                      "### Time to accuracy (SST-2), pooler frozen")
+    return lines + ["</details>", ""]
+
+
+def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: Path = RESULTS / "glue",
+                              heading: str = "## Time to accuracy (SST-2)") -> list[str]:
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    lines = [heading, ""]
     if not runs:
         return lines + ["Not measured yet: `python benchmarks/time_to_accuracy.py`.", ""]
     lines += ["`python benchmarks/time_to_accuracy.py`: training until SST-2 dev accuracy first reaches the target "
@@ -199,7 +247,9 @@ def time_to_accuracy_section() -> list[str]:
 
     for r in runs:
         hit = r["reached"]
-        chosen = chosen_lr(METHODS[GRID_KEYS[r["method"]]], RESULTS / "glue")
+        method = METHODS[GRID_KEYS[r["method"]]]
+        # Full fine-tuning's runs serve both passes (it always trained the pooler), so they stay in the current grid.
+        chosen = chosen_lr(method, grid) or chosen_lr(method, RESULTS / "glue")
         name = r["method"]
         if chosen != r["lr"]:
             name += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
@@ -211,8 +261,9 @@ def time_to_accuracy_section() -> list[str]:
         else:
             best = max(point["accuracy"] for point in r["curve"])
             lines.append(f"{setting} not reached (best {100 * best:.1f}) | | | | |")
-    _plot_curves(runs, RESULTS / "time_to_accuracy.png")
-    return lines + ["", "![SST-2 dev accuracy against training time](results/time_to_accuracy.png)", ""]
+    plot = folder.parent / "time_to_accuracy.png"
+    _plot_curves(runs, plot)
+    return lines + ["", f"![SST-2 dev accuracy against training time]({plot.relative_to(HERE).as_posix()})", ""]
 
 
 def _plot_curves(runs: list[dict], path: Path) -> None:
@@ -238,6 +289,7 @@ def render() -> Path:
              "Generated by `python benchmarks/glue.py --render` from the files in `benchmarks/results/`; "
              "every figure comes from a run of the scripts in `benchmarks/` on the machine named in it.", ""]
     lines += glue_section(RESULTS / "glue")
+    lines += pooler_section()
     quick = RESULTS / "glue-quick"
     if any(quick.glob("*.json")):
         lines += ["<details><summary>Quick mode (128 rows, 1 epoch): a smoke check, not a result</summary>", ""]

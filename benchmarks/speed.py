@@ -600,6 +600,10 @@ def markdown(results: dict) -> str:
                    f"torch {m['torch']}, {m['date']}\n")
         if m.get("note"):
             out.append(f"Note: {m['note']}\n")
+        # Files written before the pooler joined the head say nothing about it.
+        head = s.get("head", "the classifier only, pooler frozen (measured before the pooler joined the head; "
+                             "rerun to update)")
+        out.append(f"Trained head: {head}.\n")
         step = section.get("step")
         if step:
             rows = step["methods"]
@@ -763,7 +767,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "memory_steps",
                                               "infer_reps", "infer_extra", "methods", "seed")}
     settings.update(rank=RANK, kron_factor=KRON_FACTOR, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.1,
-                    optimizer=f"torch.optim.AdamW(lr={LR}) over trainable parameters")
+                    optimizer=f"torch.optim.AdamW(lr={LR}) over trainable parameters",
+                    head="pooler and classifier (every method but full: as adakron's head_names)")
     if args.epoch_cost:
         section = epoch_cost(args)
         section.update(machine=machine(args),

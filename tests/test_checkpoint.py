@@ -37,10 +37,11 @@ def test_checkpoint_holds_only_adapter_and_head_weights_in_safetensors(tmp_path)
     keys = set(load_file(tmp_path / WEIGHTS_NAME))
     expected = {f"bert.encoder.layer.{i}.output.dense.{m}.{p}" for i in range(2)
                 for m in ("adakron_down", "adakron_up") for p in ("weight", "bias")}
-    assert keys == expected | {"classifier.weight", "classifier.bias"}
+    head = {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    assert keys == expected | head
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert saved["format_version"] == 1 and saved["model_type"] == "bert" and saved["rank"] == 16
-    assert saved["head_modules"] == ["classifier"]
+    assert saved["head_modules"] == ["bert.pooler", "classifier"]
 
 
 def test_loaded_adapter_is_frozen_unless_asked(tmp_path):

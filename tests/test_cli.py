@@ -35,7 +35,7 @@ def test_train_writes_adapter_metrics_results_and_plot(tiny_model_dir, csv_data,
     assert results["method"] == "adakron" and results["task"] == "train"
     assert results["best"]["dev_accuracy"] == max(e["dev"]["dev_accuracy"] for e in epochs)
     assert results["last"]["epoch"] == 2.0
-    assert results["trainable_params"] == 2 * (32 * 8 + 8 + 16 * 32 + 32) + (32 * 2 + 2)
+    assert results["trainable_params"] == 2 * (32 * 8 + 8 + 16 * 32 + 32) + (32 * 32 + 32) + (32 * 2 + 2)
     assert results["hyperparameters"]["lr"] == 5e-3 and results["hyperparameters"]["rank"] == 16
     assert {"torch", "transformers", "adakron"} <= set(results["versions"]) and results["wall_seconds"] > 0
     stdout = capsys.readouterr().out
@@ -167,7 +167,7 @@ def test_params_reports_every_method(tiny_model_dir, capsys):
     assert main(["params", "--model", tiny_model_dir]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(lines) == {"adakron", "adapter", "lora", "full"}
-    assert int(lines["adakron"][1].replace(",", "")) == 2 * (32 * 8 + 8 + 16 * 32 + 32) + 66
+    assert int(lines["adakron"][1].replace(",", "")) == 2 * (32 * 8 + 8 + 16 * 32 + 32) + (32 * 32 + 32) + 66
 
 
 def test_targets_marks_the_default_sites(tiny_model_dir, capsys):

@@ -191,3 +191,22 @@ def test_removing_an_adapter_unwraps_sites_no_other_adapter_uses():
     adakron.add_adapter(model, AdaKronConfig(placement="houlsby"), name="both")
     adakron.remove_adapter(model, "both")
     assert set(model.state_dict()) == keys
+
+
+def test_bert_pooler_trains_with_the_head_as_a_per_adapter_copy():
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(), name="a")
+    pooler = model.bert.pooler
+    assert isinstance(pooler, TaskHeads) and set(pooler.heads) == {"a"}
+    assert all(p.requires_grad for p in pooler.heads["a"].parameters())
+    assert not any(p.requires_grad for p in pooler.original_module.parameters())
+
+
+def test_explicit_head_modules_without_the_pooler_leave_it_frozen_and_unwrapped():
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(head_modules=("classifier",)))
+    assert not isinstance(model.bert.pooler, TaskHeads)
+    assert not any(p.requires_grad for p in model.bert.pooler.parameters())
+
+
+def test_head_modules_naming_no_module_lists_the_choices():
+    with pytest.raises(ValueError, match=r"not modules of this model.*bert\.pooler"):
+        adakron.add_adapter(tiny_model("bert"), AdaKronConfig(head_modules=("bert.nowhere",)))

@@ -107,3 +107,19 @@ def test_predict_runs_in_eval_mode_and_restores_the_mode():
     second = adakron.predict(model, batch, ["a"] * 3)
     assert all(torch.equal(x, y) for x, y in zip(first, second))  # no dropout
     assert model.training
+
+
+def test_each_adapter_uses_its_own_pooler():
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(), name="a")
+    adakron.add_adapter(model, AdaKronConfig(), name="b")
+    with torch.no_grad():
+        model.bert.pooler.heads["b"].dense.bias.add_(1.0)
+    batch = tiny_batch("bert")
+    with adakron.use_adapter(model, "a"):
+        pooled_a = model.bert(**batch).pooler_output
+    with adakron.use_adapter(model, "b"):
+        pooled_b = model.bert(**batch).pooler_output
+    with adakron.disable_adapters(model):
+        pooled_bare = model.bert(**batch).pooler_output
+    assert not torch.allclose(pooled_a, pooled_b)
+    assert torch.equal(pooled_bare, tiny_model("bert").bert(**batch).pooler_output)

@@ -55,8 +55,8 @@ class AdaKronConfig:
     )
     head_modules: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Top-level modules trained with the adapter (the task head); None = every module "
-                  "outside the base model that owns parameters."},
+        metadata={"help": "Modules trained with the adapter (the task head), by path; None = every module "
+                  "outside the base model that owns parameters, plus the base model's pooler (BERT, ALBERT)."},
     )
     num_labels: int | None = field(default=None, metadata={"help": "Outputs of this adapter's head; None = model's."})
     label_names: tuple[str, ...] | None = field(default=None, metadata={"help": "Class names, by class index."})

@@ -74,21 +74,38 @@ def find_sites(model: nn.Module, config: AdaKronConfig, heads: list[str]) -> lis
 
 def head_names(model: nn.Module, config: AdaKronConfig) -> list[str]:
     """The task head: given, or every top-level module outside the base model that owns its own parameters
-    (BERT `classifier`, DeBERTa `pooler`+`classifier`, GPT-2/LLaMA `score`; a tied LM head is not one)."""
-    children = dict(model.named_children())
+    (BERT `classifier`, DeBERTa `pooler`+`classifier`, GPT-2/LLaMA `score`; a tied LM head is not one), plus
+    the base model's pooler when the head reads it (BERT, ALBERT)."""
     if config.head_modules is not None:
-        missing = [h for h in config.head_modules if h not in children]
+        modules = dict(model.named_modules())
+        missing = [h for h in config.head_modules if not h or h not in modules]
         if missing:
-            raise ValueError(f"head_modules {missing} are not top-level modules; choose from {sorted(children)}.")
+            candidates = sorted(n for n in modules if n and "." not in n) + [p for p in [pooler_path(model)] if p]
+            raise ValueError(f"head_modules {missing} are not modules of this model; choose from {candidates}.")
         return list(config.head_modules)
     base = getattr(model, "base_model", model)
     if base is model:
         return []
     base_params = {id(p) for p in base.parameters()}
-    return [
-        name for name, module in children.items()
+    own = [
+        name for name, module in model.named_children()
         if module is not base and any(id(p) not in base_params for p in module.parameters())
     ]
+    pooler = pooler_path(model)
+    return [pooler, *own] if pooler and own else own
+
+
+def pooler_path(model: nn.Module) -> str | None:
+    """Where the base model's pooler (a dense layer + tanh over the first token) sits, if it has one.
+
+    It belongs to the task head: RoBERTa, ELECTRA and DeBERTa heads carry that layer themselves and train it,
+    and some checkpoints ship it untrained (all-MiniLM-L6-v2's is random: frozen, it starved AdaKron and
+    LoRA of signal, see benchmarks/RESULTS.md)."""
+    base = getattr(model, "base_model", model)
+    pooler = getattr(base, "pooler", None)
+    if base is model or not isinstance(pooler, nn.Module) or next(pooler.parameters(), None) is None:
+        return None
+    return next(name for name, module in model.named_modules() if module is pooler)
 
 
 def _base_num_labels(model: nn.Module) -> int:

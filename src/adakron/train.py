@@ -284,8 +284,12 @@ def apply_method(model, method: str, args: TrainArgs):
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.lora_r,
-                                                lora_alpha=args.lora_alpha, lora_dropout=0.1))
+        from .inject import pooler_path
+
+        # The same head as AdaKron's: peft trains the classifier; the pooler must be asked for.
+        pooler = pooler_path(model)
+        return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                lora_dropout=0.1, modules_to_save=[pooler] if pooler else None))
     return model  # full fine-tuning: everything trains
 
 
