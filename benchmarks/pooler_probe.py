@@ -8,7 +8,7 @@ the pooler trained as part of the head (adakron's default since the GLUE grid's 
 STS-B dev Pearson along the way. Each variant writes its own JSON under benchmarks/results/pooler_probe/
 and is skipped when present.
 
-    python benchmarks/pooler_probe.py                 # 6 variants x 300 steps: about 30 min on one core
+    python benchmarks/pooler_probe.py                 # 6 variants x 300 steps: about an hour on one busy core
     python benchmarks/pooler_probe.py --steps 100 --methods adakron
 """
 

@@ -210,8 +210,9 @@ def pooler_section() -> list[str]:
              "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`)"
              + (", and the grid above is being rerun that way." if _unfinished() else "; the grid above ran that way."),
              ""]
-    probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]
-    if probes:
+    all_probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]
+    for length in sorted({r["steps"] for r in all_probes}):
+        probes = [r for r in all_probes if r["steps"] == length]
         steps = [point["step"] for point in probes[0]["curve"]]
         lines += [f"`python benchmarks/pooler_probe.py`: STS-B, batch {probes[0]['batch']}, seed {probes[0]['seed']}, "
                   f"dev Pearson ×100 on the first {probes[0]['dev_rows']} dev rows, each method at its first-pass lr, "
@@ -227,7 +228,7 @@ def pooler_section() -> list[str]:
     lines += ["<details><summary>First pass of the grid, pooler frozen (superseded)</summary>", ""]
     lines += glue_section(first / "glue", "### GLUE dev, pooler frozen", first_pass=True)
     lines += time_to_accuracy_section(first / "time_to_accuracy", first / "glue",
-                                      "### Time to accuracy (SST-2), pooler frozen")
+                                      "### Time to accuracy (SST-2), pooler frozen (full fine-tuning: see below)")
     return lines + ["</details>", ""]
 
 

@@ -175,6 +175,7 @@ def test_targets_marks_the_default_sites(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "*  bert.encoder.layer.0.output.dense" in out
     assert "*  bert.encoder.layer.0.attention.output.dense" not in out
+    assert "head  bert.pooler.dense" in out and "head  classifier" in out
 
 
 def test_a_task_with_two_dev_splits_reports_both_every_epoch(tiny_model_dir, tmp_path):

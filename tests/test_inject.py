@@ -210,3 +210,15 @@ def test_explicit_head_modules_without_the_pooler_leave_it_frozen_and_unwrapped(
 def test_head_modules_naming_no_module_lists_the_choices():
     with pytest.raises(ValueError, match=r"not modules of this model.*bert\.pooler"):
         adakron.add_adapter(tiny_model("bert"), AdaKronConfig(head_modules=("bert.nowhere",)))
+
+
+def test_a_pooler_the_head_never_reads_stays_frozen():
+    from transformers import BigBirdConfig, BigBirdForSequenceClassification
+
+    config = BigBirdConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=100, attention_type="original_full")
+    model = BigBirdForSequenceClassification(config)
+    assert model.bert.pooler is not None  # built, but the classification head reads the first token itself
+    adakron.add_adapter(model, AdaKronConfig(target_modules=r"bert\.encoder\.layer\.\d\.output\.dense"))
+    assert adakron.inject.head_names(model, AdaKronConfig()) == ["classifier"]
+    assert not any(p.requires_grad for p in model.bert.pooler.parameters())

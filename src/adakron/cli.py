@@ -166,7 +166,8 @@ def cmd_targets(ns: argparse.Namespace) -> int:
         defaults = set()
     for name, module in model.named_modules():
         if isinstance(module, WRAPPABLE):
-            mark = "*" if name in defaults else ("head" if name.split(".")[0] in heads else "")
+            in_head = any(name == h or name.startswith(h + ".") for h in heads)
+            mark = "*" if name in defaults else ("head" if in_head else "")
             print(f"{mark:>5}  {name}  ({type(module).__name__})")
     print(f"* = default AdaKron target ({ns.placement}); head = trained with each adapter")
     return 0

@@ -11,7 +11,7 @@ from torch import nn
 from .adapter import KronAdapter, default_initializer_range
 from .config import AdaKronConfig
 from .layer import AdaKronLayer, TaskHeads, label_projections
-from .targets import WRAPPABLE, candidate_names, default_patterns, matches, output_width
+from .targets import WRAPPABLE, candidate_names, default_patterns, matches, output_width, reads_pooler
 
 STATE_ATTR = "adakron_state"
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -96,14 +96,15 @@ def head_names(model: nn.Module, config: AdaKronConfig) -> list[str]:
 
 
 def pooler_path(model: nn.Module) -> str | None:
-    """Where the base model's pooler (a dense layer + tanh over the first token) sits, if it has one.
+    """Where the base model's pooler (a dense layer + tanh over the first token) sits, if the head reads it.
 
     It belongs to the task head: RoBERTa, ELECTRA and DeBERTa heads carry that layer themselves and train it,
     and some checkpoints ship it untrained (all-MiniLM-L6-v2's is random: frozen, it starved AdaKron and
     LoRA of signal, see benchmarks/RESULTS.md)."""
     base = getattr(model, "base_model", model)
     pooler = getattr(base, "pooler", None)
-    if base is model or not isinstance(pooler, nn.Module) or next(pooler.parameters(), None) is None:
+    if base is model or not isinstance(pooler, nn.Module) or next(pooler.parameters(), None) is None \
+            or not reads_pooler(model):
         return None
     return next(name for name, module in model.named_modules() if module is pooler)
 

@@ -34,6 +34,16 @@ DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
     "t5": (r".*\.DenseReluDense\.wo", r".*\.SelfAttention\.o"),
 }
 
+# Families whose classification and multiple-choice heads read the base model's pooler. Other models may
+# build a pooler they never read (BigBird): training that would add dead parameters.
+POOLED_HEAD_TYPES = frozenset({"bert", "albert", "megatron-bert", "ernie", "layoutlm", "mobilebert"})
+POOLED_HEAD_CLASSES = ("ForSequenceClassification", "ForMultipleChoice")
+
+
+def reads_pooler(model: nn.Module) -> bool:
+    return (getattr(getattr(model, "config", None), "model_type", None) in POOLED_HEAD_TYPES
+            and type(model).__name__.endswith(POOLED_HEAD_CLASSES))
+
 
 def default_patterns(model_type: str, placement: str) -> list[str]:
     if model_type not in DEFAULT_TARGETS:
