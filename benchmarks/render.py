@@ -204,8 +204,11 @@ def pooler_section() -> list[str]:
              "the backbone, so a frozen backbone froze it too (peft's LoRA default does the same). all-MiniLM-L6-v2 "
              "was trained with mean pooling and ships an untrained pooler (zero bias, weights of std 0.009): frozen, "
              "it hands the classifier a small random projection of the first token. In a first pass of the grid "
-             "(below) AdaKron and LoRA sat at the constant prediction for epochs where the plain adapter got going "
-             "(STS-B, CoLA). RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
+             "(below) AdaKron and LoRA fell far behind the plain adapter on STS-B, and AdaKron on CoLA too. The probe "
+             "below isolates the pooler: frozen, AdaKron and LoRA stay near zero Pearson for 300 steps; trained, "
+             "every method learns within the first 100. The pooler's 147,840 parameters outweigh AdaKron's 57,648; "
+             "every method carries the same head, so the trainable-parameter column grows by the same amount for "
+             "each. RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
              "does the AdaMix code the authors built on, for RoBERTa); so now every method's head is the pooler plus "
              "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`)"
              + (", and the grid above is being rerun that way." if _unfinished() else "; the grid above ran that way."),

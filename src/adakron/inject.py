@@ -99,8 +99,8 @@ def pooler_path(model: nn.Module) -> str | None:
     """Where the base model's pooler (a dense layer + tanh over the first token) sits, if the head reads it.
 
     It belongs to the task head: RoBERTa, ELECTRA and DeBERTa heads carry that layer themselves and train it,
-    and some checkpoints ship it untrained (all-MiniLM-L6-v2's is random: frozen, it starved AdaKron and
-    LoRA of signal, see benchmarks/RESULTS.md)."""
+    and some checkpoints ship it untrained (all-MiniLM-L6-v2's is random: frozen, AdaKron and LoRA barely
+    learned STS-B in 300 steps, see benchmarks/pooler_probe.py and RESULTS.md)."""
     base = getattr(model, "base_model", model)
     pooler = getattr(base, "pooler", None)
     if base is model or not isinstance(pooler, nn.Module) or next(pooler.parameters(), None) is None \
