@@ -87,9 +87,9 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
               "one torch thread per run, two runs at a time on the 2 cores). The epochs were chosen so the whole "
               "grid fits a budget of 12 CPU-hours.", ""]
     if points:
-        plot = folder.relative_to(HERE) / "glue_params.png" if first_pass else Path("results/glue_params.png")
-        _plot(points, HERE / plot)
-        lines += [f"![average GLUE score against trainable parameters]({plot.as_posix()})", ""]
+        plot = folder.parent / "glue_params.png"
+        _plot(points, plot)
+        lines += [f"![average GLUE score against trainable parameters]({plot.relative_to(HERE).as_posix()})", ""]
     lines += _lr_table(results), ""
     lines += _ablation_table(folder, chosen.get("adakron16"))
     lines += _loss_curves(results)
