@@ -30,20 +30,10 @@ DEV_ROWS, BATCH, MAX_LENGTH, SEED = 600, 32, 128, 42
 
 
 def build(method: str, train_pooler: bool):
-    from adakron import add_adapter
     from adakron.backbone import load_classifier
-    from adakron.inject import pooler_path
-    from adakron.train import TrainArgs, adakron_config
+    from adakron.train import TrainArgs, apply_method
 
-    model = load_classifier(None, 1, problem_type="regression")
-    if method == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        pooler = [pooler_path(model)] if train_pooler else None
-        return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
-                                                modules_to_save=pooler))
-    config = adakron_config(TrainArgs(), method)
-    return add_adapter(model, config if train_pooler else config.replace(head_modules=("classifier",)))
+    return apply_method(load_classifier(None, 1, problem_type="regression"), method, TrainArgs(), train_pooler)
 
 
 def dev_pearson(model, dev, collate) -> float:

@@ -207,6 +207,17 @@ def test_explicit_head_modules_without_the_pooler_leave_it_frozen_and_unwrapped(
     assert not any(p.requires_grad for p in model.bert.pooler.parameters())
 
 
+@pytest.mark.parametrize("method", ["adakron", "adapter", "lora"])
+def test_every_peft_method_trains_the_pooler_unless_asked_to_leave_it_frozen(method):
+    from adakron.train import TrainArgs, apply_method
+
+    def pooler_trains(train_pooler):
+        model = apply_method(tiny_model("bert"), method, TrainArgs(lora_r=4), train_pooler)
+        return any(p.requires_grad for n, p in model.named_parameters() if ".pooler." in n)
+
+    assert pooler_trains(True) and not pooler_trains(False)
+
+
 def test_head_modules_naming_no_module_lists_the_choices():
     with pytest.raises(ValueError, match=r"not modules of this model.*bert\.pooler"):
         adakron.add_adapter(tiny_model("bert"), AdaKronConfig(head_modules=("bert.nowhere",)))

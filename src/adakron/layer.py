@@ -78,6 +78,8 @@ class TaskHeads(nn.Module):
             head = _resized(head, model_num_labels, num_labels, initializer_range)
         for p in head.parameters():
             p.requires_grad_(False)
+            if p.is_floating_point() and p.element_size() < 4:  # trains in fp32 on a half-precision backbone
+                p.data = p.data.float()
         self.heads[name] = head
 
     def _module_for(self, name: str | None) -> nn.Module:
@@ -87,15 +89,22 @@ class TaskHeads(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_groups is None:
-            return self._module_for(self.active_adapter)(x, *args, **kwargs)
+            return self._run(self._module_for(self.active_adapter), x, *args, **kwargs)
         # Heads may differ in width (STS-B 1, MNLI 3): pad the last dim to the widest, callers slice.
-        parts = [(rows, self._module_for(name)(x[rows], *args, **kwargs)) for name, rows in self.row_groups]
+        parts = [(rows, self._run(self._module_for(name), x[rows], *args, **kwargs)) for name, rows in self.row_groups]
         width = max(out.shape[-1] for _, out in parts)
         first = parts[0][1]
         merged = first.new_zeros((x.shape[0], *first.shape[1:-1], width))
         for rows, out in parts:
             merged[rows, ..., : out.shape[-1]] = out
         return merged
+
+    @staticmethod
+    def _run(head: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        dtype = next((p.dtype for p in head.parameters() if p.is_floating_point()), x.dtype)
+        if x.dtype == dtype or not x.is_floating_point():
+            return head(x, *args, **kwargs)
+        return head(x.to(dtype), *args, **kwargs).to(x.dtype)  # an fp32 copy on a half-precision backbone
 
 
 def label_projections(head: nn.Module, num_labels: int) -> list[tuple[str, nn.Linear]]:

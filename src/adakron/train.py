@@ -275,21 +275,28 @@ def _build_model(args: TrainArgs, labels: LabelSpace):
     return apply_method(model, args.method, args)
 
 
-def apply_method(model, method: str, args: TrainArgs):
-    """The model, made ready to train with ``method`` (in place where the method allows)."""
-    if method in ("adakron", "adapter"):
-        from .inject import add_adapter
+def apply_method(model, method: str, args: TrainArgs, train_pooler: bool = True):
+    """The model, made ready to train with ``method`` (in place where the method allows).
 
-        return add_adapter(model, adakron_config(args, method))
+    ``train_pooler=False`` leaves the base model's pooler frozen, as peft's LoRA does by default; only
+    benchmarks/pooler_probe.py asks for it, to show what that costs."""
+    from .inject import pooler_path
+
+    pooler = pooler_path(model)
+    if method in ("adakron", "adapter"):
+        from .inject import add_adapter, head_names
+
+        config = adakron_config(args, method)
+        if pooler and not train_pooler:
+            config = config.replace(head_modules=tuple(h for h in head_names(model, config) if h != pooler))
+        return add_adapter(model, config)
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        from .inject import pooler_path
-
         # The same head as AdaKron's: peft trains the classifier; the pooler must be asked for.
-        pooler = pooler_path(model)
+        head = [pooler] if pooler and train_pooler else None
         return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                lora_dropout=0.1, modules_to_save=[pooler] if pooler else None))
+                                                lora_dropout=0.1, modules_to_save=head))
     return model  # full fine-tuning: everything trains
 
 
