@@ -22,10 +22,6 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _unfinished() -> bool:
-    return len(list((RESULTS / "glue").glob("*.json"))) < _expected_runs()
-
-
 def _expected_runs() -> int:
     grid = sum(len(SEEDS) if (t, m) in MULTI_SEED else 1 for t in TASKS for m in METHODS)
     lr_only = sum(len(m.lr_grid) - 1 for m in METHODS.values())
@@ -52,7 +48,9 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
               "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
               "Matthews, accuracy elsewhere; ×100.", "",
               "| method | lr | " + " | ".join(t.upper() for t in TASKS) + " | avg | trainable params | "
-              "wall s/run |", "|---" * (len(TASKS) + 5) + "|"]
+              "of which the method's own | wall s/run |", "|---" * (len(TASKS) + 6) + "|"]
+    head_parts = _head_parameters(with_pooler=not first_pass)
+    head = sum(head_parts.values())
     points = []
     for key in METHODS:
         if first_pass and not any(r["method_key"] == key for r in results):
@@ -72,7 +70,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         avg = f"{statistics.mean(means):.1f}" if complete else "–"
         if complete:
             points.append((params[0], statistics.mean(means), NAMES[key]))
-        param_text = f"{params[0]:,} ({params[1]:.2f}%)" if params else "–"
+        param_text = f"{params[0]:,} ({params[1]:.2f}%) | {params[0] - head:,}" if params else "– | –"
         wall = f"{statistics.mean(walls):.0f}" if walls else "–"
         lr = f"{chosen[key]:g}" if chosen[key] else "(pending)"
         if chosen[key] == max(METHODS[key].lr_grid):
@@ -80,8 +78,10 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", "Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
-              (". Trainable parameters include a two-label classifier (770 parameters; STS-B's one output has 385)"
-               + ("." if first_pass else " and, for every method, the pooler (147,840).")),
+              ". Trainable parameters include the head every method trains alike: "
+              + " and ".join(f"`{name}` ({count:,})" for name, count in head_parts.items())
+              + f", {head:,} in all with a two-label classifier (STS-B's one output has 385 fewer). The method's own "
+              "column leaves the head out.",
               "", f"Compute: the {len(results)} finished runs took "
               f"{sum(r['wall_seconds'] for r in results) / 3600:.1f} hours of wall time summed over runs (here: "
               "one torch thread per run, two runs at a time on the 2 cores). The epochs were chosen so the whole "
@@ -96,13 +96,30 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
     return lines
 
 
+def _head_parameters(with_pooler: bool) -> dict[str, int]:
+    """The head every method trains alike, module by module, counted on the bare backbone with two labels."""
+    from adakron import AdaKronConfig
+    from adakron.backbone import load_classifier
+    from adakron.inject import head_names, pooler_path
+
+    model = load_classifier(None, 2)
+    names = [n for n in head_names(model, AdaKronConfig()) if with_pooler or n != pooler_path(model)]
+    return {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
+
+
 def _lr_table(results: list[dict]) -> str:
     rows = ["### Learning-rate selection (MRPC F1, seed 42)", "", "| method | lr | F1 |", "|---|---|---|"]
+    spreads = defaultdict(list)
     for key, method in METHODS.items():
         for r in sorted(results, key=lambda r: r["hyperparameters"]["lr"]):
             if r["method_key"] == key and r["task"] == "mrpc" and r["seed"] == 42 \
                     and r["hyperparameters"]["lr"] in method.lr_grid:
                 rows.append(f"| {NAMES[key]} | {r['hyperparameters']['lr']:g} | {score(r, 'mrpc'):.1f} |")
+                spreads[key].append(score(r, "mrpc"))
+    # A choice at the top of a grid matters less when the whole grid scores alike (compare the seed spread above).
+    done = [f"{NAMES[k]} {max(f1) - min(f1):.1f}" for k, f1 in spreads.items() if len(f1) == len(METHODS[k].lr_grid)]
+    if done:
+        rows += ["", "F1 spread across each finished grid (best − worst lr), in points: " + "; ".join(done) + "."]
     return "\n".join(rows)
 
 
@@ -210,8 +227,8 @@ def pooler_section() -> list[str]:
              "every method carries the same head, so the trainable-parameter column grows by the same amount for "
              "each. RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
              "does the AdaMix code the authors built on, for RoBERTa); so now every method's head is the pooler plus "
-             "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`)"
-             + (", and the grid above is being rerun that way." if _unfinished() else "; the grid above ran that way."),
+             "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`), in the grid "
+             "above and everywhere else in this file.",
              ""]
     all_probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]
     for length in sorted({r["steps"] for r in all_probes}):
