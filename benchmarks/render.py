@@ -76,7 +76,8 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         if chosen[key] == max(METHODS[key].lr_grid):
             lr += " (top of its grid)"
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
-    lines += ["", "Epochs per task (the same for every method): " +
+    lines += ["", *_recipe_table(results)]
+    lines += ["Epochs per task (the same for every method): " +
               ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
               ". Trainable parameters include the head every method trains alike: "
               + " and ".join(f"`{name}` ({count:,})" for name, count in head_parts.items())
@@ -94,6 +95,21 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
     lines += _ablation_table(folder, chosen.get("adakron16"))
     lines += _loss_curves(results)
     return lines
+
+
+def _recipe_table(results: list[dict]) -> list[str]:
+    """The recipe every method ran under, read back from the runs' recorded hyperparameters."""
+    keys = {"epochs": "epochs", "batch_size": "batch", "max_length": "max length", "warmup_ratio": "warm-up ratio",
+            "weight_decay": "weight decay", "group_by_length": "length-grouped batches"}
+    lines = ["Recipe, as recorded in each run's result file (AdamW, linear decay after the warm-up; lr: each "
+             "method's choice on MRPC, below):", "",
+             "| task | " + " | ".join(keys.values()) + " |", "|---" * (len(keys) + 1) + "|"]
+    for task in TASKS:
+        runs = [r["hyperparameters"] for r in results if r["task"] == task]
+        if runs:
+            cells = [", ".join(sorted({str(h[k]) for h in runs})) for k in keys]
+            lines.append(f"| {task.upper()} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _head_parameters(with_pooler: bool) -> dict[str, int]:
