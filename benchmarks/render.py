@@ -244,7 +244,7 @@ def pooler_section() -> list[str]:
              "each. RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
              "does the AdaMix code the authors built on, for RoBERTa); so now every method's head is the pooler plus "
              "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`), in the grid "
-             "above and everywhere else in this file.",
+             "above and in every section of this file that does not say the pooler was frozen.",
              ""]
     all_probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]
     for length in sorted({r["steps"] for r in all_probes}):

@@ -67,15 +67,16 @@ def run(method: str, lr: float, args) -> dict:
     scratch = HERE.parent / "runs" / "time_to_accuracy" / method
     stopper = StopAtTarget(args.target)
     print(f"== {method} lr {lr:g}", flush=True)
-    fit(TrainArgs(task="sst2", data_dir=str(args.data_dir), method=method, lr=lr, seed=args.seed,
-                  eval_steps=args.eval_steps, output_dir=str(scratch), overwrite=True, plot=False),
-        callbacks=[stopper])
+    results = fit(TrainArgs(task="sst2", data_dir=str(args.data_dir), method=method, lr=lr, seed=args.seed,
+                            eval_steps=args.eval_steps, output_dir=str(scratch), overwrite=True, plot=False),
+                  callbacks=[stopper])
     shutil.rmtree(scratch, ignore_errors=True)
     reached = next((point for point in stopper.curve if point["accuracy"] >= args.target), None)
     import torch
 
     return {"method": method, "lr": lr, "target": args.target, "eval_steps": args.eval_steps,
-            "seed": args.seed, "threads": torch.get_num_threads(), "reached": reached, "curve": stopper.curve}
+            "seed": args.seed, "threads": torch.get_num_threads(), "trainable_params": results["trainable_params"],
+            "reached": reached, "curve": stopper.curve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,11 @@
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from torch import nn
 
 import adakron
 from adakron import AdaKronConfig
+from adakron.layer import TaskHeads
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -78,3 +80,22 @@ def test_cuda_adapters_live_on_the_backbones_device():
     assert all(p.is_cuda for p in model.parameters())
     batch = {k: v.cuda() for k, v in tiny_batch().items()}
     assert model(**batch).logits.is_cuda
+
+
+def test_fp32_head_copy_takes_half_precision_arguments_buffers_and_tuple_outputs():
+    class Head(nn.Module):  # a head with running statistics, an extra tensor argument and two outputs
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, x, shift):
+            logits = self.proj(self.norm(x)) + shift
+            return logits, logits.sum(-1)
+
+    heads = TaskHeads(Head().to(torch.bfloat16)).eval()
+    heads.add("a", num_labels=2, model_num_labels=2, initializer_range=0.02)
+    heads.active_adapter = "a"
+    copy = heads.heads["a"]
+    assert all(t.dtype == torch.float32 for t in [*copy.parameters(), *copy.buffers()] if t.is_floating_point())
+    logits, total = heads(torch.randn(3, 4, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16))
+    assert logits.dtype == total.dtype == torch.bfloat16

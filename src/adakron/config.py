@@ -48,7 +48,8 @@ class AdaKronConfig:
     init: str = field(
         default="reference",
         metadata={"help": "'reference': N(0, initializer_range) weights, zero biases (as the paper's code); "
-                  "'identity': up-projection zeroed, so the model starts exactly as the base model."},
+                  "'identity': up-projection zeroed, so the model starts as the base model (exactly in "
+                  "fp32; up to rounding on bf16/fp16, where the head copies compute in fp32)."},
     )
     initializer_range: float | None = field(
         default=None, metadata={"help": "Std of the 'reference' init; None = the model config's initializer_range."}

@@ -10,9 +10,11 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 # Per-row routing: (adapter name or None for the bare model, indices of the rows that use it).
 RowGroups = list[tuple[str | None, torch.Tensor]]
+HALF = (torch.float16, torch.bfloat16)
 
 
 class AdaKronLayer(nn.Module):
@@ -76,10 +78,10 @@ class TaskHeads(nn.Module):
         head = copy.deepcopy(self.original_module)
         if num_labels != model_num_labels:
             head = _resized(head, model_num_labels, num_labels, initializer_range)
-        for p in head.parameters():
-            p.requires_grad_(False)
-            if p.is_floating_point() and p.element_size() < 4:  # trains in fp32 on a half-precision backbone
-                p.data = p.data.float()
+        head.requires_grad_(False)
+        for tensor in [*head.parameters(), *head.buffers()]:
+            if tensor.dtype in HALF:  # the copy trains in fp32 on a half-precision backbone
+                tensor.data = tensor.data.float()
         self.heads[name] = head
 
     def _module_for(self, name: str | None) -> nn.Module:
@@ -102,9 +104,15 @@ class TaskHeads(nn.Module):
     @staticmethod
     def _run(head: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         dtype = next((p.dtype for p in head.parameters() if p.is_floating_point()), x.dtype)
-        if x.dtype == dtype or not x.is_floating_point():
+        if x.dtype == dtype or x.dtype not in HALF:
             return head(x, *args, **kwargs)
-        return head(x.to(dtype), *args, **kwargs).to(x.dtype)  # an fp32 copy on a half-precision backbone
+
+        # An fp32 copy on a half-precision backbone: half-precision tensors go in as fp32 and come out as they came.
+        def cast(to, source):
+            return lambda t: t.to(to) if isinstance(t, torch.Tensor) and t.dtype == source else t
+
+        args, kwargs = tree_map(cast(dtype, x.dtype), (args, kwargs))
+        return tree_map(cast(x.dtype, dtype), head(x.to(dtype), *args, **kwargs))
 
 
 def label_projections(head: nn.Module, num_labels: int) -> list[tuple[str, nn.Linear]]:
