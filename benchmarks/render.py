@@ -339,7 +339,8 @@ def render() -> Path:
                   "(`aten::addmm`, `aten::mm`, `aten::bmm`) are most of the step. What LoRA adds over AdaKron is its "
                   "own matmuls (more `aten::mm` calls), a dropout mask on the input of each of its 2 sites per layer "
                   "(`aten::bernoulli_`) and the scaling multiplies (`aten::mul`); AdaKron adds one small down/up pair "
-                  "per layer and no dropout, which is why it sits at `gate`'s cost. Profiles run beside other jobs "
+                  "per layer and no dropout, which is why it sits at `gate`'s cost. The profile ran with the pooler frozen, "
+                  "before it joined the head; it adds the same one dense layer to both. Profiles run beside other jobs "
                   "(workers at low priority), and the profiler's own overhead inflates all ops alike.", ""]
     for path in profiles:
         lines += [f"<details><summary>{path.name}</summary>", "", path.read_text().rstrip(), "", "</details>", ""]
