@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -10,6 +11,8 @@ from pathlib import Path
 from glue import ABLATIONS, EPOCHS, METHODS, MULTI_SEED, RESULTS, SEEDS, TASKS, chosen_lr, run_id, score
 
 HERE = Path(__file__).resolve().parent
+# The first pass (pooler frozen) ran each method's first three learning rates; later passes extended the grid.
+FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
 NAMES = {"adakron16": "AdaKron r=16 f=4", "adakron48": "AdaKron r=48 f=4", "adapter": "Adapter r=16 (plain)",
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
 
@@ -35,7 +38,8 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
     lines = [heading, ""]
     if not results:
         return lines + ["No runs have finished yet: `python benchmarks/glue.py`.", ""]
-    chosen = {key: chosen_lr(m, folder) for key, m in METHODS.items()}
+    methods = FIRST_PASS if first_pass else METHODS
+    chosen = {key: chosen_lr(m, folder) for key, m in methods.items()}
     by_cell = defaultdict(list)
     for r in results:
         key, task, lr = r["method_key"], r["task"], r["hyperparameters"]["lr"]
@@ -73,7 +77,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         param_text = f"{params[0]:,} ({params[1]:.2f}%) | {params[0] - head:,}" if params else "– | –"
         wall = f"{statistics.mean(walls):.0f}" if walls else "–"
         lr = f"{chosen[key]:g}" if chosen[key] else "(pending)"
-        if chosen[key] == max(METHODS[key].lr_grid):
+        if chosen[key] == max(methods[key].lr_grid):
             lr += " (top of its grid)"
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", *_recipe_table(results)]
@@ -91,7 +95,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         plot = folder.parent / "glue_params.png"
         _plot(points, plot)
         lines += [f"![average GLUE score against trainable parameters]({plot.relative_to(HERE).as_posix()})", ""]
-    lines += _lr_table(results), ""
+    lines += _lr_table(results, methods), ""
     lines += _ablation_table(folder, chosen.get("adakron16"))
     lines += _loss_curves(results)
     return lines
@@ -123,17 +127,17 @@ def _head_parameters(with_pooler: bool) -> dict[str, int]:
     return {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
 
 
-def _lr_table(results: list[dict]) -> str:
+def _lr_table(results: list[dict], methods: dict) -> str:
     rows = ["### Learning-rate selection (MRPC F1, seed 42)", "", "| method | lr | F1 |", "|---|---|---|"]
     spreads = defaultdict(list)
-    for key, method in METHODS.items():
+    for key, method in methods.items():
         for r in sorted(results, key=lambda r: r["hyperparameters"]["lr"]):
             if r["method_key"] == key and r["task"] == "mrpc" and r["seed"] == 42 \
                     and r["hyperparameters"]["lr"] in method.lr_grid:
                 rows.append(f"| {NAMES[key]} | {r['hyperparameters']['lr']:g} | {score(r, 'mrpc'):.1f} |")
                 spreads[key].append(score(r, "mrpc"))
     # A choice at the top of a grid matters less when the whole grid scores alike (compare the seed spread above).
-    done = [f"{NAMES[k]} {max(f1) - min(f1):.1f}" for k, f1 in spreads.items() if len(f1) == len(METHODS[k].lr_grid)]
+    done = [f"{NAMES[k]} {max(f1) - min(f1):.1f}" for k, f1 in spreads.items() if len(f1) == len(methods[k].lr_grid)]
     if done:
         rows += ["", "F1 spread across each finished grid (best − worst lr), in points: " + "; ".join(done) + "."]
     return "\n".join(rows)
@@ -264,12 +268,13 @@ def pooler_section() -> list[str]:
     lines += ["<details><summary>First pass of the grid, pooler frozen (superseded)</summary>", ""]
     lines += glue_section(first / "glue", "### GLUE dev, pooler frozen", first_pass=True)
     lines += time_to_accuracy_section(first / "time_to_accuracy", first / "glue",
-                                      "### Time to accuracy (SST-2), pooler frozen (full fine-tuning: see below)")
+                                      "### Time to accuracy (SST-2), pooler frozen (full fine-tuning: see below)",
+                                      FIRST_PASS)
     return lines + ["</details>", ""]
 
 
 def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: Path = RESULTS / "glue",
-                              heading: str = "## Time to accuracy (SST-2)") -> list[str]:
+                              heading: str = "## Time to accuracy (SST-2)", methods: dict = METHODS) -> list[str]:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     lines = [heading, ""]
     if not runs:
@@ -284,7 +289,7 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
 
     for r in runs:
         hit = r["reached"]
-        method = METHODS[GRID_KEYS[r["method"]]]
+        method = methods[GRID_KEYS[r["method"]]]
         # Full fine-tuning's runs serve both passes (it always trained the pooler), so they stay in the current grid.
         chosen = chosen_lr(method, grid) or chosen_lr(method, RESULTS / "glue")
         name = r["method"]
