@@ -249,8 +249,8 @@ def pooler_section() -> list[str]:
              "every method carries the same head, so the trainable-parameter column grows by the same amount for "
              "each. RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
              "does the AdaMix code the authors built on, for RoBERTa); so now every method's head is the pooler plus "
-             "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`), in the grid "
-             "above and in every section of this file that does not say the pooler was frozen.",
+             "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`), "
+             "in the grid above and in every section of this file that does not say the pooler was frozen.",
              ""]
     all_probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]
     for length in sorted({r["steps"] for r in all_probes}):
@@ -346,9 +346,9 @@ def render() -> Path:
                   "(`aten::addmm`, `aten::mm`, `aten::bmm`) are most of the step. What LoRA adds over AdaKron is its "
                   "own matmuls (more `aten::mm` calls), a dropout mask on the input of each of its 2 sites per layer "
                   "(`aten::bernoulli_`) and the scaling multiplies (`aten::mul`); AdaKron adds one small down/up pair "
-                  "per layer and no dropout, which is why it sits at `gate`'s cost. The profile ran with the pooler frozen, "
-                  "before it joined the head; it adds the same one dense layer to both. Profiles run beside other jobs "
-                  "(workers at low priority), and the profiler's own overhead inflates all ops alike.", ""]
+                  "per layer and no dropout, which is why it sits at `gate`'s cost. The profile ran with the pooler "
+                  "frozen, before it joined the head; it adds the same one dense layer to both. Profiles run beside "
+                  "other jobs (workers at low priority), and the profiler's own overhead inflates all ops alike.", ""]
     for path in profiles:
         lines += [f"<details><summary>{path.name}</summary>", "", path.read_text().rstrip(), "", "</details>", ""]
     lines += time_to_accuracy_section()
