@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 from collections import defaultdict
@@ -118,13 +119,21 @@ def _recipe_table(results: list[dict]) -> list[str]:
 
 def _head_parameters(with_pooler: bool) -> dict[str, int]:
     """The head every method trains alike, module by module, counted on the bare backbone with two labels."""
+    parts, pooler = _bare_head()
+    return {name: count for name, count in parts.items() if with_pooler or name != pooler}
+
+
+@functools.cache
+def _bare_head() -> tuple[dict[str, int], str | None]:
+    """(parameters per head module, the pooler's path): the backbone is loaded once per render, not per grid."""
     from adakron import AdaKronConfig
     from adakron.backbone import load_classifier
     from adakron.inject import head_names, pooler_path
 
     model = load_classifier(None, 2)
-    names = [n for n in head_names(model, AdaKronConfig()) if with_pooler or n != pooler_path(model)]
-    return {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
+    names = head_names(model, AdaKronConfig())
+    parts = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
+    return parts, pooler_path(model)
 
 
 def _lr_table(results: list[dict], methods: dict) -> str:
