@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -74,6 +76,7 @@ def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path)
     path = folder / f"{run_id(task, method, seed, lr)}.json"
     if path.exists():
         return json.loads(path.read_text())
+    require_same_library(args)
     with claimed(path.with_suffix(".lock")) as mine:
         if not mine:
             print(f"-- {path.stem}: another worker is running it", flush=True)
@@ -96,7 +99,9 @@ def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) ->
         epochs=1 if args.quick else EPOCHS[task], output_dir=str(scratch), overwrite=True, plot=False,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         max_length=64 if args.quick else None))
+    require_same_library(args)  # a change during the run may have mixed old and new modules
     results["method_key"] = method.key
+    results["library_digest"] = args.library_digest
     results["threads"] = torch.get_num_threads()
     metrics = scratch / "metrics.jsonl"  # the per-epoch curve, kept for diagnosis (the run folder is deleted)
     results["epochs"] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -105,6 +110,23 @@ def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) ->
     os.replace(tmp, path)
     shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+def library_digest() -> str:
+    """A hash of the adakron source files, found without importing them."""
+    root = Path(next(iter(importlib.util.find_spec("adakron").submodule_search_locations)))
+    digest = hashlib.sha256()
+    for source in sorted(root.rglob("*.py")):
+        digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def require_same_library(args) -> None:
+    """A worker left running across an edit of the library would file results of the old code under the new:
+    stop it instead (its run, if any, is not recorded) and let the user restart it."""
+    if library_digest() != args.library_digest:
+        raise SystemExit("adakron's source changed since this worker started: restart it so that its results "
+                         "come from the current code")
 
 
 @contextmanager
@@ -192,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
             return 0
         args.max_train_samples = args.max_eval_samples = 128 if args.quick else None
+        args.library_digest = library_digest()
         import transformers
 
         transformers.logging.set_verbosity_error()

@@ -1,10 +1,15 @@
-"""The GLUE grid's run claims, which let several background workers share one resumable grid."""
+"""The GLUE grid's run claims, which let several background workers share one resumable grid, and its guard
+against a worker that outlived an edit of the library."""
 
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import glue
 from glue import claimed
 
 
@@ -27,3 +32,13 @@ def test_the_lock_of_a_worker_that_died_is_free(tmp_path):
     assert lock.exists()
     with claimed(lock) as mine:
         assert mine
+
+
+def test_a_worker_stops_before_training_when_the_library_changed_under_it(tmp_path, monkeypatch):
+    started_with = SimpleNamespace(library_digest=glue.library_digest())
+    monkeypatch.setattr(glue, "library_digest", lambda: "edited since")
+    monkeypatch.setattr(glue, "_train", lambda *a: pytest.fail("trained with a stale library"))
+    with pytest.raises(SystemExit, match="restart"):
+        glue.run_one("mrpc", glue.METHODS["adakron16"], 42, 1e-3, started_with, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
