@@ -1,6 +1,7 @@
 """The GLUE grid's run claims, which let several background workers share one resumable grid, and its guard
 against a worker that outlived an edit of the library."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,11 @@ def test_a_worker_stops_before_training_when_the_library_changed_under_it(tmp_pa
         glue.run_one("mrpc", glue.METHODS["adakron16"], 42, 1e-3, started_with, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_a_result_trained_for_other_epochs_is_not_reused(tmp_path):
+    method = glue.METHODS["adakron16"]
+    path = tmp_path / f"{glue.run_id('cola', method, 42, 2e-3)}.json"
+    path.write_text(json.dumps({"hyperparameters": {"epochs": glue.EPOCHS["cola"] - 1}}))
+    with pytest.raises(SystemExit, match="move it out"):
+        glue.run_one("cola", method, 42, 2e-3, SimpleNamespace(quick=False), tmp_path)
