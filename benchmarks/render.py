@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
 NAMES = {"adakron16": "AdaKron r=16 f=4", "adakron48": "AdaKron r=48 f=4", "adapter": "Adapter r=16 (plain)",
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
+TASK_NAMES = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B", "cola": "CoLA", "sst2": "SST-2"}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -52,7 +53,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
     lines += [f"{done} Best-epoch dev score "
               "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
               "Matthews, accuracy elsewhere; ×100.", "",
-              "| method | lr | " + " | ".join(t.upper() for t in TASKS) + " | avg | trainable params | "
+              "| method | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg | trainable params | "
               "of which the method's own | wall s/run |", "|---" * (len(TASKS) + 6) + "|"]
     head_parts = _head_parameters(with_pooler=not first_pass)
     head = sum(head_parts.values())
@@ -83,7 +84,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {param_text} | {wall} |")
     lines += ["", *_recipe_table(results)]
     lines += ["Epochs per task (the same for every method): " +
-              ", ".join(f"{t.upper()} {e}" for t, e in EPOCHS.items()) +
+              ", ".join(f"{TASK_NAMES[t]} {e}" for t, e in EPOCHS.items()) +
               ". Trainable parameters include the head every method trains alike: "
               + " and ".join(f"`{name}` ({count:,})" for name, count in head_parts.items())
               + f", {head:,} in all with a two-label classifier (STS-B's one output has 385 fewer). The method's own "
@@ -113,7 +114,7 @@ def _recipe_table(results: list[dict]) -> list[str]:
         runs = [r["hyperparameters"] for r in results if r["task"] == task]
         if runs:
             cells = [", ".join(sorted({str(h[k]) for h in runs})) for k in keys]
-            lines.append(f"| {task.upper()} | " + " | ".join(cells) + " |")
+            lines.append(f"| {TASK_NAMES[task]} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
