@@ -266,7 +266,7 @@ def cola_section() -> list[str]:
         "CoLA first ran 3 epochs; its runs take about a minute an epoch and every method was still climbing at "
         f"the end, so it now runs {EPOCHS['cola']}. A train loss near 0.61 is the entropy of CoLA's 70/30 label "
         "split: the model predicts the prior. At the lr AdaKron chose on MRPC it stays there in the longer run, "
-        "while in the 3-epoch run, whose lr decays 2.7 times sooner, it began to learn in epoch 2; see "
+        "while AdaKron r=16 learned in the 3-epoch run (above), whose lr decayed 2.7 times sooner; see "
         "\"Open problems\" in the README.", ""]
 
 

@@ -11,17 +11,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import glue
-from glue import claimed
 
 
 def test_a_run_is_claimed_by_one_worker_at_a_time(tmp_path):
     lock = tmp_path / "rte-adakron16-s42-lr0.001.lock"
-    with claimed(lock) as first:
+    with glue.claimed(lock) as first:
         assert first
-        with claimed(lock) as second:  # another open file description: as another worker would hold
+        with glue.claimed(lock) as second:  # another open file description: as another worker would hold
             assert not second
     assert not lock.exists()
-    with claimed(lock) as again:
+    with glue.claimed(lock) as again:
         assert again
 
 
@@ -31,7 +30,7 @@ def test_the_lock_of_a_worker_that_died_is_free(tmp_path):
                        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'1'); os._exit(0)")
     subprocess.run([sys.executable, "-c", dies_holding_it], check=True)
     assert lock.exists()
-    with claimed(lock) as mine:
+    with glue.claimed(lock) as mine:
         assert mine
 
 
@@ -42,7 +41,6 @@ def test_a_worker_stops_before_training_when_the_library_changed_under_it(tmp_pa
     with pytest.raises(SystemExit, match="restart"):
         glue.run_one("mrpc", glue.METHODS["adakron16"], 42, 1e-3, started_with, tmp_path)
     assert list(tmp_path.iterdir()) == []
-
 
 
 def test_a_result_trained_for_other_epochs_is_not_reused(tmp_path):
