@@ -83,7 +83,7 @@ def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path)
             print(f"-- {path.stem}: another worker is running it", flush=True)
             return None
         if path.exists():  # finished by another worker between our check and our claim
-            return json.loads(path.read_text())
+            return stored(path, epochs_for(task, args))
         return _train(task, method, seed, lr, args, path)
 
 

@@ -161,12 +161,19 @@ def _loss_curves(results: list[dict], lr: float = 2e-3) -> list[str]:
             and r.get("epochs") and r["method_key"] in METHODS]
     if not runs:
         return []
+    return [f"### MRPC train loss per epoch at lr {lr:g} (seed 42; every run at that lr, so no full fine-tuning)",
+            "", *_per_epoch_table(runs, lambda e: f"{e['train_loss']:.3f}")]
+
+
+def _per_epoch_table(runs: list[dict], cell, show_lr: bool = False) -> list[str]:
+    """One row per run in the methods' order, one ``cell(epoch record)`` per epoch."""
     epochs = max(len(r["epochs"]) for r in runs)
-    lines = [f"### MRPC train loss per epoch at lr {lr:g} (seed 42; every run at that lr, so no full fine-tuning)", "",
-             "| method | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |", "|---" * (epochs + 1) + "|"]
+    lr_head = " lr |" if show_lr else ""
+    lines = [f"| method |{lr_head} " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",
+             "|---" * (epochs + 1 + show_lr) + "|"]
     for r in sorted(runs, key=lambda r: list(METHODS).index(r["method_key"])):
-        losses = [f"{e['train_loss']:.3f}" for e in r["epochs"]]
-        lines.append(f"| {NAMES[r['method_key']]} | " + " | ".join(losses) + " |")
+        lr = f" {r['hyperparameters']['lr']:g} |" if show_lr else ""
+        lines.append(f"| {NAMES[r['method_key']]} |{lr} " + " | ".join(cell(e) for e in r["epochs"]) + " |")
     return lines + [""]
 
 
@@ -251,17 +258,10 @@ def cola_section() -> list[str]:
     lines = ["### CoLA per epoch (seed 42): dev Matthews ×100 / train loss", ""]
     for title, folder in (("the grid's runs", RESULTS / "glue"), ("the first, 3-epoch runs (superseded; "
                           "`benchmarks/results/cola-3-epochs/`)", RESULTS / "cola-3-epochs")):
-        runs = sorted((json.loads(p.read_text()) for p in folder.glob("cola-*.json")),
-                      key=lambda r: list(METHODS).index(r["method_key"]))
-        if not runs:
-            continue
-        epochs = max(len(r["epochs"]) for r in runs)
-        lines += [f"In {title}:", "", "| method | lr | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",
-                  "|---" * (epochs + 2) + "|"]
-        for r in runs:
-            cells = [f"{100 * e['dev']['dev_matthews_correlation']:.1f} / {e['train_loss']:.3f}" for e in r["epochs"]]
-            lines.append(f"| {NAMES[r['method_key']]} | {r['hyperparameters']['lr']:g} | " + " | ".join(cells) + " |")
-        lines.append("")
+        runs = [json.loads(p.read_text()) for p in folder.glob("cola-*.json")]
+        if runs:
+            lines += [f"In {title}:", "", *_per_epoch_table(
+                runs, lambda e: f"{100 * e['dev']['dev_matthews_correlation']:.1f} / {e['train_loss']:.3f}", True)]
     return lines + [
         "CoLA first ran 3 epochs; its runs take about a minute an epoch and every method was still climbing at "
         f"the end, so it now runs {EPOCHS['cola']}. A train loss near 0.61 is the entropy of CoLA's 70/30 label "
