@@ -49,3 +49,28 @@ def test_a_result_trained_for_other_epochs_is_not_reused(tmp_path):
     path.write_text(json.dumps({"hyperparameters": {"epochs": glue.EPOCHS["cola"] - 1}}))
     with pytest.raises(SystemExit, match="move it out"):
         glue.run_one("cola", method, 42, 2e-3, SimpleNamespace(quick=False), tmp_path)
+
+
+import recipe
+
+
+def test_the_recipe_screen_runs_every_task_candidate_and_lr_once_with_the_top_lr_first():
+    order = recipe.screen_order(list(recipe.CANDIDATES))
+    assert len(order) == len(set(order)) == len(recipe.TASKS) * len(recipe.CANDIDATES) * len(recipe.LRS)
+    assert {lr for _, _, lr in order[:len(recipe.TASKS) * len(recipe.CANDIDATES)]} == {max(recipe.LRS)}
+
+
+def test_the_recipe_study_reuses_the_glue_grids_run_of_the_same_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "GLUE_FOLDER", tmp_path / "glue")
+    monkeypatch.setattr(recipe, "FOLDER", tmp_path / "recipe")
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "cola-adakron16-s42-lr0.002.json").write_text(json.dumps({"from": "grid"}))
+    assert recipe.result("cola", recipe.CANDIDATES["paper"], 42, 2e-3) == {"from": "grid"}
+    assert recipe.result("cola", recipe.CANDIDATES["id-down8"], 42, 2e-3) is None  # no grid twin: run it
+
+
+def test_the_papers_recipe_in_the_grid_and_the_study_is_the_same_training():
+    from dataclasses import asdict
+
+    ours, grid = asdict(recipe.CANDIDATES["paper"]), asdict(glue.METHODS["adakron16"])
+    assert {k: v for k, v in ours.items() if k != "key"} == {k: v for k, v in grid.items() if k != "key"}

@@ -144,8 +144,8 @@ def test_existing_output_dir_is_kept_without_overwrite(tiny_model_dir, csv_data,
     (out / "precious.txt").write_text("mine")
     _fails(capsys, train_args(tiny_model_dir, *csv_data, out), "pass --overwrite to replace it")
     assert (out / "precious.txt").read_text() == "mine"
-    assert main(train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--epochs", "1")) == 0
-    assert not (out / "precious.txt").exists() and (out / "results.json").exists()
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite"), "also holds precious.txt")
+    assert (out / "precious.txt").read_text() == "mine"
 
 
 def test_adapter_that_does_not_match_the_base_model_is_refused(tiny_model_dir, csv_data, tmp_path, capsys):

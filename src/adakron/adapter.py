@@ -25,15 +25,17 @@ class KronAdapter(nn.Module):
         self.adakron_down = nn.Linear(width, config.down_width)
         self.adakron_up = nn.Linear(config.rank, width)
         self.act = ACT2FN[config.activation]
-        self.reset_parameters(config.init, initializer_range)
+        self.reset_parameters(config.init, initializer_range, config.outer_bias)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str, initializer_range: float) -> None:
+    def reset_parameters(self, init: str, initializer_range: float, outer_bias: float = 0.0) -> None:
         for linear in (self.adakron_down, self.adakron_up):
             linear.weight.normal_(0.0, initializer_range)
             linear.bias.zero_()
         if init == "identity":
             self.adakron_up.weight.zero_()
+        if self.outer:
+            self.adakron_down.bias[: self.outer] = outer_bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         down = self.adakron_down(h)  # (..., f + r/f)

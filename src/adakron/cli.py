@@ -8,8 +8,9 @@ import os
 import sys
 
 from .checkpoint import AdapterLoadError
+from .config import INITS
 from .data import UsageError
-from .train import METHODS, TrainArgs
+from .train import ADAPTER_RECIPES, METHODS, TrainArgs
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,7 +44,15 @@ def build_parser() -> Parser:
     method.add_argument("--method", default="adakron", choices=METHODS)
     method.add_argument("--rank", type=int, default=16, help="adapter size r (adakron, adapter)")
     method.add_argument("--kron-factor", type=int, default=4, help="outer factor width f (adakron)")
-    method.add_argument("--init", default="reference", choices=["reference", "identity"])
+    method.add_argument("--recipe", default="default", choices=list(ADAPTER_RECIPES),
+                        help="adakron/adapter recipe: 'default' (this library's, see README) or 'paper' (the "
+                             "authors' code: their init, one lr for everything); the four flags below override it")
+    method.add_argument("--init", choices=list(INITS), help="'reference': every adapter weight N(0, 0.02) (paper); "
+                        "'identity': up-projection zeroed, so training starts from the base model")
+    method.add_argument("--outer-bias", type=float, help="initial bias of the f-wide outer factor u (paper: 0)")
+    method.add_argument("--down-lr-ratio", type=float,
+                        help="the down-projections (u, v) train at --lr times this (paper: 1)")
+    method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this (paper: 1)")
     method.add_argument("--placement", default="ffn", choices=["ffn", "houlsby"])
     method.add_argument("--lora-r", type=int, default=8)
     method.add_argument("--lora-alpha", type=int, default=16)
@@ -86,7 +95,12 @@ def build_parser() -> Parser:
     pr.add_argument("--output", required=True, help=".csv, .tsv or .jsonl to write")
     pr.add_argument("--text-columns", type=_columns)
     pr.add_argument("--model")
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    pr.add_argument("--prediction-column", default="prediction",
+                    help="name of the added column with the predicted label (or score); an input column of that "
+                         "name is never overwritten: the run is refused and asks for another name")
+    pr.add_argument("--score-column", default="score",
+                    help="name of the added column with the predicted class's probability (classification)")
     pr.add_argument("--batch-size", type=int, default=64)
 
     params = sub.add_parser("params", help="trainable/total parameters of each method on a model")
@@ -121,16 +135,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .inference import evaluate
 
+    from .metrics import undefined_note
+
     results = evaluate(ns.adapter, ns.task, ns.data_dir, ns.validation_file, ns.text_columns, ns.label_column,
                        ns.model, ns.max_eval_samples, ns.batch_size)
-    print(json.dumps(results, indent=2))
+    note = undefined_note(results)
+    shown = {split: {k: None if v != v else v for k, v in metrics.items()} for split, metrics in results.items()}
+    print(json.dumps({**shown, "note": note} if note else shown, indent=2))
     return 0
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
     from .inference import predict
 
-    count = predict(ns.adapter, ns.input, ns.output, ns.text_columns, ns.model, ns.overwrite, ns.batch_size)
+    count = predict(ns.adapter, ns.input, ns.output, ns.text_columns, ns.model, ns.overwrite, ns.batch_size,
+                    ns.prediction_column, ns.score_column)
     print(f"wrote {count} predictions to {ns.output}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,12 @@ class AdaKronConfig:
                   "'identity': up-projection zeroed, so the model starts as the base model (exactly in "
                   "fp32; up to rounding on bf16/fp16, where the head copies compute in fp32)."},
     )
+    outer_bias: float = field(
+        default=0.0,
+        metadata={"help": "Initial value of the outer factor's bias a1 (u = A1·h + a1). 0 is the paper's code; a "
+                  "non-zero value opens a path linear in h at step 0 (u ~ a1, so k ~ a1·v), instead of a "
+                  "product of two small factors that starts on a plateau. Ignored by the plain adapter."},
+    )
     initializer_range: float | None = field(
         default=None, metadata={"help": "Std of the 'reference' init; None = the model config's initializer_range."}
     )
@@ -89,6 +96,9 @@ class AdaKronConfig:
             raise ValueError(f"`placement` ({self.placement!r}) must be one of {PLACEMENTS}.")
         if self.init not in INITS:
             raise ValueError(f"`init` ({self.init!r}) must be one of {INITS}.")
+        if isinstance(self.outer_bias, bool) or not isinstance(self.outer_bias, (int, float)) \
+                or not math.isfinite(self.outer_bias):
+            raise ValueError(f"`outer_bias` ({self.outer_bias!r}) must be a finite number, e.g. 0.0 or 1.0.")
         if self.initializer_range is not None and not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` ({self.initializer_range!r}) must be > 0, e.g. 0.02.")
         if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels <= 0):

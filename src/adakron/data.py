@@ -44,7 +44,7 @@ def read_file(path: str | Path, text_columns: list[str], label_column: str | Non
     wanted = [*text_columns, *([label_column] if label_column else [])]
     records = _jsonl_records(path) if kind == "jsonl" else _table_records(path, kind)
     texts, labels, kept = [], [], []
-    for line, record in records:
+    for line, record in readable(records, path):
         missing = [c for c in wanted if c not in record]
         if missing:
             where = f"{path}:{line}" if kind == "jsonl" else str(path)
@@ -55,6 +55,18 @@ def read_file(path: str | Path, text_columns: list[str], label_column: str | Non
     if not texts:
         raise UsageError(f"{path} holds no examples")
     return Examples(texts, labels, kept)
+
+
+def readable(rows, path: Path):
+    """``rows`` as they come, with a file that is not UTF-8 text or that the csv module cannot parse (a NUL
+    byte, a field over its size limit) turned into one line naming the file and what to do."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (undecodable byte 0x{e.object[e.start]:02x}); save it "
+                         "as UTF-8") from None
+    except csv.Error as e:
+        raise UsageError(f"{path}: cannot be read as {path.suffix.lstrip('.').upper()} ({e})") from None
 
 
 def _table_records(path: Path, kind: str):
@@ -93,7 +105,19 @@ def _text(value: Any, path: Path, line: int, column: str) -> str:
         if value is None or isinstance(value, (dict, list)):
             raise UsageError(f"{path}:{line}: column {column!r} must hold text, found {value!r}")
         value = str(value)
+    if not is_valid_text(value):
+        raise UsageError(f"{path}:{line}: column {column!r} is not valid Unicode text (a lone surrogate such as "
+                         "\\ud800, which no UTF-8 file or tokenizer can hold)")
     return value
+
+
+def is_valid_text(text: str) -> bool:
+    """False for strings UTF-8 cannot encode: lone surrogates, which JSON's \\ud800 escapes can produce."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -135,14 +159,19 @@ def _floats(texts: list[str]) -> list[float] | None:
         return None
 
 
-def encode_labels(examples: Examples, space: LabelSpace, source: str) -> Examples:
-    """Raw labels -> class ids (or floats); labels the space does not know are an error naming them."""
+def encode_labels(examples: Examples, space: LabelSpace, source: str, accept_ids: bool = False) -> Examples:
+    """Raw labels -> class ids (or floats); labels the space does not know are an error naming them.
+
+    ``accept_ids``: a label may also be a class id (0 .. n-1), as in GLUE files whose label names the adapter
+    knows only because they were given to the ids."""
     if space.regression:
         numbers = _floats([str(v) for v in examples.labels])
         if numbers is None:
             raise UsageError(f"{source}: regression labels must be numbers")
         return Examples(examples.texts, numbers, examples.records)
     index = {name: i for i, name in enumerate(space.names)}
+    if accept_ids:
+        index = {**{str(i): i for i in range(len(space.names))}, **index}
     unseen = sorted({str(v) for v in examples.labels} - set(index))
     if unseen:
         raise UsageError(f"{source}: labels not seen in training: {', '.join(unseen[:10])}")

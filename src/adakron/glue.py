@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Examples, UsageError
+from .data import Examples, UsageError, readable
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,17 @@ def dev_names(task: GlueTask) -> list[str]:
 def _load_tsv(task: GlueTask, folder: Path, train: bool) -> tuple[Examples | None, dict[str, Examples]]:
     if not folder.is_dir():
         raise UsageError(f"data dir {folder} does not exist; pass the folder that holds {task.folder}/train.tsv")
-    devs = {name: _read_tsv(task, folder / task.folder / f) for name, f in zip(dev_names(task), task.dev_files)}
-    return (_read_tsv(task, folder / task.folder / "train.tsv") if train else None), devs
+    devs = {name: read_split(task, folder / task.folder / f) for name, f in zip(dev_names(task), task.dev_files)}
+    return (read_split(task, folder / task.folder / "train.tsv") if train else None), devs
 
 
-def _read_tsv(task: GlueTask, path: Path) -> Examples:
+def read_split(task: GlueTask, path: Path) -> Examples:
+    """One GLUE TSV of ``task`` (its columns, its label encoding), e.g. a dev.tsv kept elsewhere."""
     if not path.is_file():
         raise UsageError(f"{path} does not exist; a GLUE data dir holds <TASK>/train.tsv and <TASK>/dev.tsv")
     # GLUE TSVs are unquoted: a stray '"' is text (QNLI, MRPC, SST-2), so csv quoting must be off.
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = list(readable(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), path))
     has_header = not task.text_columns[0].isdigit()
     header = rows[0] if has_header else [str(i) for i in range(len(rows[0]) if rows else 0)]
     body = rows[1:] if has_header else rows

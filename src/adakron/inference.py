@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import CONFIG_NAME, AdapterLoadError, load_adapter, read_adapter
 from .data import FORMATS, Examples, LabelSpace, UsageError, encode_labels, read_file, tokenize
-from .glue import get_task, load_glue
+from .glue import get_task, load_glue, read_split
 from .metrics import compute, predictions_from_logits
 from .train import FULL_MODEL_DIR, TASK_FILE
 
@@ -63,8 +63,10 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
             raise UsageError(str(e)) from None
         tokenizer = load_tokenizer(base)
         labels = LabelSpace(None if config.problem_type == "regression" else tuple(config.label_names))
-    return Trained(model.eval(), tokenizer, labels, info.get("text_columns"), info.get("max_length", 128),
-                   info.get("task"))
+    from .backbone import capped_length
+
+    max_length = capped_length(info.get("max_length", 128), model, tokenizer)
+    return Trained(model.eval(), tokenizer, labels, info.get("text_columns"), max_length, info.get("task"))
 
 
 def _detect_method(run_dir: Path) -> str:
@@ -94,26 +96,29 @@ def run_model(trained: Trained, examples: Examples, batch_size: int = 64) -> np.
 def evaluate(run_dir: str, task: str | None = None, data_dir: str | None = None, validation_file: str | None = None,
              text_columns: list[str] | None = None, label_column: str = "label", model_name: str | None = None,
              max_samples: int | None = None, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Dev metrics of a trained run, per dev split."""
+    """Dev metrics of a trained run, per dev split.
+
+    ``validation_file`` is what is evaluated whenever it is given. With a GLUE task (``task``, or the task the
+    adapter was trained on) a ``.tsv`` is read as that task's GLUE file and scored with its metric; any other
+    file is read by ``text_columns``, and a GLUE task's labels may be given as names or as its class ids."""
     trained = load_trained(run_dir, model_name)
-    task = task or (trained.task if not validation_file else None)
-    if task:
-        glue_task = get_task(task)
-        if glue_task.labels != trained.labels.names:
-            raise UsageError(f"this adapter predicts {trained.labels.names or 'a score'}, but {glue_task.name} has "
-                             f"labels {glue_task.labels or 'that are scores'}; evaluate it on the task it was "
-                             "trained for")
-        _, devs = load_glue(glue_task, data_dir, train=False)
-        metric = glue_task.metric
+    glue_task = get_task(task or trained.task) if (task or trained.task) else None
+    if task and glue_task.labels != trained.labels.names:
+        raise UsageError(f"this adapter predicts {trained.labels.names or 'a score'}, but {glue_task.name} has "
+                         f"labels {glue_task.labels or 'that are scores'}; evaluate it on the task it was "
+                         "trained for")
+    if validation_file and glue_task and Path(validation_file).suffix.lower() == ".tsv":
+        devs = {"dev": read_split(glue_task, Path(validation_file))}
     elif validation_file:
-        columns = text_columns or trained.text_columns
-        if not columns:
-            raise UsageError("pass --text-columns: this adapter does not record which columns hold the text")
+        columns = check_text_columns(text_columns or trained.text_columns, trained)
         raw = read_file(validation_file, columns, label_column)
-        devs = {"dev": encode_labels(raw, trained.labels, validation_file)}
-        metric = "correlation" if trained.labels.regression else "accuracy"
+        ids = glue_task is not None and glue_task.numeric_labels
+        devs = {"dev": encode_labels(raw, trained.labels, validation_file, accept_ids=ids)}
+    elif glue_task:
+        _, devs = load_glue(glue_task, data_dir, train=False)
     else:
         raise UsageError("pass --task NAME or --validation-file FILE to evaluate on")
+    metric = glue_task.metric if glue_task else ("correlation" if trained.labels.regression else "accuracy")
     results = {}
     for split, examples in devs.items():
         examples = examples.head(max_samples)
@@ -122,44 +127,102 @@ def evaluate(run_dir: str, task: str | None = None, data_dir: str | None = None,
     return results
 
 
+def check_text_columns(columns: list[str] | None, trained: Trained) -> list[str]:
+    """The text columns to read: one or two, as many as the adapter was trained on."""
+    if not columns:
+        raise UsageError("pass --text-columns: this adapter does not record which columns hold the text")
+    if len(columns) > 2:
+        raise UsageError(f"--text-columns takes one or two columns (a text, or a pair), got {len(columns)}: "
+                         f"{', '.join(columns)}")
+    if trained.text_columns and len(columns) != len(trained.text_columns):
+        kind = "pairs of texts" if len(trained.text_columns) == 2 else "single texts"
+        raise UsageError(f"this adapter was trained on {kind} ({', '.join(trained.text_columns)}); "
+                         f"--text-columns gave {len(columns)} column(s): {', '.join(columns)}")
+    return list(columns)
+
+
+PREDICTION_COLUMN, SCORE_COLUMN = "prediction", "score"
+
+
 def predict(run_dir: str, input_file: str, output_file: str, text_columns: list[str] | None = None,
-            model_name: str | None = None, overwrite: bool = False, batch_size: int = 64) -> int:
-    """Write each input row with its prediction (label name, or score for regression); returns the row count."""
+            model_name: str | None = None, overwrite: bool = False, batch_size: int = 64,
+            prediction_column: str = PREDICTION_COLUMN, score_column: str = SCORE_COLUMN) -> int:
+    """Write each input row, its fields unchanged, with its prediction (label name, or score for regression)
+    and, for classification, the predicted class's probability; returns the row count.
+
+    The two added columns never replace one of the input's: a name the input already uses is refused (pass
+    another with ``prediction_column`` / ``score_column``)."""
     output = Path(output_file)
     if output.exists() and not overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it")
     if Path(output_file).suffix.lower() not in FORMATS:
         raise UsageError(f"{output}: unknown format {output.suffix!r}; use .csv, .tsv or .jsonl")
+    if output.resolve() == Path(input_file).resolve():
+        raise UsageError(f"--output {output} is the input file; write the predictions to another file")
     trained = load_trained(run_dir, model_name)
-    columns = text_columns or trained.text_columns
-    if not columns:
-        raise UsageError("pass --text-columns: this adapter does not record which columns hold the text")
+    columns = check_text_columns(text_columns or trained.text_columns, trained)
     examples = read_file(input_file, columns, None)
+    added = [prediction_column] + ([] if trained.labels.regression else [score_column])
+    if len(set(added)) < len(added):
+        raise UsageError(f"--prediction-column and --score-column are both {prediction_column!r}; name them apart")
+    fields = _field_names(examples.records)
+    taken = [name for name in added if name in fields]
+    if taken:
+        flag = "--prediction-column" if taken[0] == prediction_column else "--score-column"
+        raise UsageError(f"{input_file} already has a column {taken[0]!r}; pass {flag} NAME to name the output "
+                         "column otherwise (the input's columns are never overwritten)")
+    if FORMATS[output.suffix.lower()] == "tsv":
+        _check_tsv_fields(examples.records, [*fields, *added], trained.labels.names or ())
     logits = run_model(trained, examples, batch_size)
     rows = []
     for record, row_logits in zip(examples.records, logits):
         row = dict(record)  # every input column passes through (ids, for one)
         if trained.labels.regression:
-            row["prediction"] = float(row_logits[0])
+            row[prediction_column] = float(row_logits[0])
         else:
             probs = torch.softmax(torch.from_numpy(row_logits), -1)
-            row["prediction"] = trained.labels.names[int(probs.argmax())]
-            row["score"] = round(float(probs.max()), 6)
+            row[prediction_column] = trained.labels.names[int(probs.argmax())]
+            row[score_column] = round(float(probs.max()), 6)
         rows.append(row)
-    _write_rows(output, rows)
+    _write_rows(output, rows, [*fields, *added])
     return len(rows)
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
+def _check_tsv_fields(records: list[dict], fields: list[str], label_names) -> None:
+    """A field TSV cannot hold unquoted (a tab or line break, from a CSV or JSON-lines input) is refused before
+    the model runs, rather than escaped into different text."""
+    def bad(text) -> bool:
+        return any(c in str(text) for c in "\t\r\n")
+
+    culprit = next((f"column name {key!r}" for key in fields if bad(key)), None) or next(
+        (f"row {n}, column {key!r}" for n, record in enumerate(records, start=1) for key, value in record.items()
+         if bad(value)), None) or next((f"label name {name!r}" for name in label_names if bad(name)), None)
+    if culprit:
+        raise UsageError(f"{culprit} holds a tab or line break, which TSV cannot hold unquoted; write .csv or "
+                         ".jsonl instead")
+
+
+def _field_names(records: list[dict]) -> list[str]:
+    """Every key of every row, in order of first appearance (JSON-lines rows may differ in their keys)."""
+    return list(dict.fromkeys(key for record in records for key in record))
+
+
+def _write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """CSV with standard quoting, TSV unquoted as GLUE writes it, or JSON lines: each field as it came in."""
     kind = FORMATS[path.suffix.lower()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        if kind == "jsonl":
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if kind == "tsv" else ",",
-                                    quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL, escapechar="\\")
-            writer.writeheader()
-            writer.writerows(rows)
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if kind == "jsonl":
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            else:
+                tsv = kind == "tsv"
+                writer = csv.DictWriter(f, fieldnames=fields, restval="", delimiter="\t" if tsv else ",",
+                                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                                        quotechar=None if tsv else '"', lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(rows)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .data import Examples, LabelSpace, UsageError, encode_labels, infer_label_s
 from .glue import get_task, load_glue
 from .inject import trainable_parameters
 from .metrics import MAIN_METRIC, compute, predictions_from_logits
+from .optim import DOWN_LR_RATIO, UP_LR_RATIO
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,25 @@ OWN_DATA_RECIPE = Recipe(5e-4, 5, 32, 128)
 FULL_LR = 5e-5
 
 
+@dataclass(frozen=True)
+class AdapterRecipe:
+    """How an AdaKron adapter starts and how fast each of its factors learns (relative to ``--lr``)."""
+
+    init: str
+    outer_bias: float
+    down_lr_ratio: float
+    up_lr_ratio: float
+
+
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
+ADAPTER_RECIPES = {
+    # The library's defaults, set from benchmarks/recipe.py: read from where they are defined.
+    "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO),
+    # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
+    "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
+}
+
+
 @dataclass
 class TrainArgs:
     """Everything a run depends on; saved in results.json."""
@@ -71,7 +91,13 @@ class TrainArgs:
     method: str = "adakron"
     rank: int = 16
     kron_factor: int = 4
-    init: str = "reference"
+    # The adapter recipe: None = from --recipe ("default": AdaKronConfig's and optim's defaults; "paper": the
+    # authors' code, i.e. their init and one learning rate for everything).
+    recipe: str = "default"
+    init: str | None = None
+    outer_bias: float | None = None
+    down_lr_ratio: float | None = None
+    up_lr_ratio: float | None = None
     placement: str = "ffn"
     lora_r: int = 8
     lora_alpha: int = 16
@@ -156,14 +182,20 @@ def prepare(args: TrainArgs) -> Prepared:
 
 def _with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
     """Fill what the user left open from the task's recipe, then check every number."""
+    if args.recipe not in ADAPTER_RECIPES:
+        raise UsageError(f"unknown --recipe {args.recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
+    adapter_recipe = ADAPTER_RECIPES[args.recipe]
     chosen = dict(
+        **{k: getattr(adapter_recipe, k) if getattr(args, k) is None else getattr(args, k)
+           for k in asdict(adapter_recipe)},
         epochs=recipe.epochs if args.epochs is None else args.epochs,
         lr=(FULL_LR if args.method == "full" else recipe.lr) if args.lr is None else args.lr,
         batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
         max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
     numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "max_train_samples",
-                                                "max_eval_samples", "eval_steps")}, **chosen}
+                                                "max_eval_samples", "eval_steps")},
+               **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}
     for key, value in numbers.items():
         if value is not None and not value > 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
@@ -172,20 +204,40 @@ def _with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.method in ("adakron", "adapter"):
-        adakron_config(args)  # raises UsageError now, not after the data is tokenized
+        adakron_config(TrainArgs(**{**asdict(args), **chosen}))  # a UsageError now, not after tokenizing
     return TrainArgs(**{**asdict(args), **chosen})
 
 
 def adakron_config(args: TrainArgs, method: str | None = None) -> AdaKronConfig:
     """The adapter of ``--method adakron`` (or ``adapter``: the one-factor case) from the run's flags."""
+    recipe = ADAPTER_RECIPES.get(args.recipe, ADAPTER_RECIPES["default"])
     try:
         return AdaKronConfig(rank=args.rank, kron_factor=1 if (method or args.method) == "adapter" else
-                             args.kron_factor, init=args.init, placement=args.placement)
+                             args.kron_factor, placement=args.placement,
+                             init=recipe.init if args.init is None else args.init,
+                             outer_bias=recipe.outer_bias if args.outer_bias is None else args.outer_bias)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
 RUN_ARGS = "adakron_train_args.json"  # inside checkpoints/: what a resumed run must match
+CHECKPOINTS = "checkpoints"
+# Everything a run writes into --output-dir (peft's save_pretrained adds its README.md model card): --overwrite
+# removes these and nothing else.
+RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", TASK_FILE, "metrics.jsonl", "results.json",
+               "curves.png", CHECKPOINTS, FULL_MODEL_DIR, "README.md")
+
+
+def _foreign_entries(output_dir: Path) -> list[str]:
+    """What ``output_dir`` holds that no run wrote (a README.md counts as a run's only beside its task.json)."""
+    names = sorted(p.name for p in output_dir.iterdir())
+    run_dir = (output_dir / TASK_FILE).is_file() or (output_dir / "results.json").is_file()
+    return [n for n in names if n not in RUN_OUTPUTS or (n == "README.md" and not run_dir)]
+
+
+def _inputs(args: TrainArgs) -> list[Path]:
+    return [Path(p).resolve() for p in (args.train_file, args.validation_file, args.data_dir, args.model)
+            if p and Path(p).exists()]
 
 
 def _check_output_dir(output_dir: Path, args: TrainArgs) -> None:
@@ -194,7 +246,7 @@ def _check_output_dir(output_dir: Path, args: TrainArgs) -> None:
     if args.resume and args.overwrite:
         raise UsageError("pass --resume or --overwrite, not both")
     if args.resume:
-        saved = output_dir / "checkpoints" / RUN_ARGS
+        saved = output_dir / CHECKPOINTS / RUN_ARGS
         if not saved.is_file():
             finished = (output_dir / "results.json").is_file()
             raise UsageError(f"nothing to resume in {output_dir}: " + (
@@ -209,6 +261,24 @@ def _check_output_dir(output_dir: Path, args: TrainArgs) -> None:
     elif output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
         raise UsageError(f"output dir {output_dir} exists and is not empty; pass --overwrite to replace it "
                          f"or --resume to continue its run")
+    elif args.overwrite and output_dir.is_dir():
+        inside = [p for p in _inputs(args) if p == output_dir.resolve() or output_dir.resolve() in p.parents]
+        if inside:
+            raise UsageError(f"--output-dir {output_dir} holds this run's input {inside[0]}; write the run elsewhere")
+        foreign = _foreign_entries(output_dir)
+        if foreign:
+            raise UsageError(f"--overwrite replaces only what adakron train writes, but {output_dir} also holds "
+                             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; pick another "
+                             "--output-dir")
+
+
+def _remove_run_outputs(output_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _comparable(args: TrainArgs) -> dict[str, Any]:
@@ -225,7 +295,7 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     from .backbone import load_tokenizer, resolve_model
 
     try:
-        training_args = _training_arguments(args, output_dir / "checkpoints", prepared.main_key)
+        training_args = _training_arguments(args, output_dir / CHECKPOINTS, prepared.main_key)
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
     total_steps = math.ceil(len(prepared.train) / args.batch_size) * args.epochs
@@ -234,14 +304,20 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = _build_model(args, prepared.labels)
+    from .backbone import capped_length
+
+    # A longer --max-length than the model takes is capped (with a warning): the run records what it used.
+    requested = args  # what --resume compares with: the flags as given
+    args = prepared.args = TrainArgs(**{**asdict(args), "max_length": capped_length(args.max_length, model,
+                                                                                    tokenizer)})
     train_data = tokenize(prepared.train, tokenizer, args.max_length, args.pad_to_max_length)
     dev_data = {k: tokenize(v, tokenizer, args.max_length, args.pad_to_max_length) for k, v in prepared.devs.items()}
     with training_args.main_process_first(local=False, desc="preparing the output dir"):
         if training_args.process_index == 0:  # one process (of torchrun's) touches the folder
             if args.overwrite and output_dir.exists():
-                shutil.rmtree(output_dir)
-            (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (output_dir / "checkpoints" / RUN_ARGS).write_text(json.dumps(_comparable(args), sort_keys=True))
+                _remove_run_outputs(output_dir)
+            (output_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            (output_dir / CHECKPOINTS / RUN_ARGS).write_text(json.dumps(_comparable(requested), sort_keys=True))
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -251,16 +327,28 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=_metric_function(prepared),
         callbacks=[EpochReport(output_dir, prepared), *(callbacks or [])],
+        optimizers=(_optimizer(model, args), None),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarOnlyProgress())
-    resume = args.resume and any((output_dir / "checkpoints").glob("checkpoint-*"))
+    resume = args.resume and any((output_dir / CHECKPOINTS).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     if trainer.is_world_process_zero():
         results = _finish(trainer, prepared, resolve_model(args.model), time.time() - started)
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
         return results
     return {}
+
+
+def _optimizer(model, args: TrainArgs):
+    """AdamW with a learning rate per adapter factor for AdaKron and the plain adapter (None: the Trainer's own,
+    the same AdamW with one lr, for LoRA and full fine-tuning)."""
+    if args.method not in ("adakron", "adapter"):
+        return None
+    from .optim import parameter_groups
+
+    return torch.optim.AdamW(parameter_groups(model, args.lr, args.weight_decay, args.down_lr_ratio,
+                                              args.up_lr_ratio))
 
 
 def _build_model(args: TrainArgs, labels: LabelSpace):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from ..data import is_valid_text
 from .batcher import MicroBatcher
 from .engine import DEFAULT_MAX_BATCH, TASK_NAME, Engine, ServedAdapter
 from .schemas import (
@@ -42,8 +44,11 @@ class Limits:
 
     @property
     def max_body_bytes(self) -> int:
-        # Every character may arrive as a 6-byte \\uXXXX escape; plus generous room for the JSON around.
-        return self.max_rows * 2 * (self.max_chars * 6 + 16) + 64 * 1024
+        """The largest body a request within --max-rows and --max-chars can take: a character outside the Basic
+        Multilingual Plane arrives as a 12-byte surrogate-pair escape (\\ud83d\\ude00, as Python's json and
+        requests write it by default), a row may be a pair, and the JSON around each text (quotes, commas,
+        indentation) gets generous room."""
+        return self.max_rows * 2 * (self.max_chars * 12 + 256) + 64 * 1024
 
 
 def _rows(inputs: list[str | list[str]], info: ServedAdapter, limits: Limits) -> list[tuple[str, str | None]]:
@@ -55,6 +60,9 @@ def _rows(inputs: list[str | list[str]], info: ServedAdapter, limits: Limits) ->
     for n, row in enumerate(inputs):
         texts = [row] if isinstance(row, str) else row
         for text in texts:
+            if not is_valid_text(text):
+                raise ServeError(422, "invalid_text", f"Row {n} holds a lone surrogate (e.g. \\ud800), which is not "
+                                                      "valid Unicode text; send UTF-8 encodable strings.")
             if len(text) > limits.max_chars:
                 raise ServeError(413, "text_too_long", f"Row {n} has a text of {len(text)} characters; the limit is "
                                                        f"{limits.max_chars} (--max-chars).")
@@ -70,20 +78,72 @@ def _rows(inputs: list[str | list[str]], info: ServedAdapter, limits: Limits) ->
 
 
 class _BodyLimit:
-    """Refuses a request whose declared Content-Length exceeds the limit before its body is read."""
+    """Answers 413 to a body over ``limit`` bytes, counted as it arrives (declared or chunked), before the app
+    parses any of it. The rest of such a body is read and thrown away, up to ``drain`` bytes in all, so that an
+    ordinary client (urllib, requests) that sends the whole body before reading gets the JSON answer instead of
+    a reset connection; past that bound the server answers at once and closes."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, drain: int | None = None):
         self.app, self.limit = app, limit
+        self.drain = drain if drain is not None else max(4 * limit, 64 * 2**20)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for key, value in scope["headers"]:
-                if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    body = error_body(413, "body_too_large", f"The request body ({int(value)} bytes) is larger "
-                                                              f"than this server accepts ({self.limit} bytes).")
-                    await JSONResponse(body, status_code=413)(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((int(v) for k, v in scope["headers"] if k == b"content-length" and v.isdigit()), None)
+        if declared is not None and declared > self.limit:
+            if declared <= self.drain:
+                await self._discard(receive, declared)
+            await self._refuse(send, declared)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                more = message.get("more_body", False) and await self._discard(receive, self.drain - size)
+                await self._refuse(send, None if more else size)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _discard(receive, budget: int) -> bool:
+        """Reads and drops the body until it ends (False) or ``budget`` bytes are spent (True: more remains)."""
+        while budget > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return False
+        return True
+
+    async def _refuse(self, send, size: int | None) -> None:
+        seen = f"({size} bytes) " if size is not None else "(more than that) "
+        body = error_body(413, "body_too_large", f"The request body {seen}is larger than this server accepts "
+                                                 f"({self.limit} bytes; see --max-rows and --max-chars).")
+        await JSONResponse(body, status_code=413, headers={"connection": "close"})(
+            {"type": "http"}, _no_body, send)
+
+
+async def _no_body():
+    return {"type": "http.disconnect"}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -99,8 +159,8 @@ def create_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path]
     for name, value in (("max_rows", max_rows), ("max_chars", max_chars), ("max_batch", max_batch)):
         if not isinstance(value, int) or value < 1:
             raise ServeError(400, "invalid_setting", f"{name} must be a positive integer, not {value!r}.")
-    if max_wait_ms < 0:
-        raise ServeError(400, "invalid_setting", f"max_wait_ms must be >= 0, not {max_wait_ms!r}.")
+    if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms) and max_wait_ms >= 0):
+        raise ServeError(400, "invalid_setting", f"max_wait_ms must be a finite number >= 0, not {max_wait_ms!r}.")
     root = None
     if adapter_root is not None:
         root = Path(adapter_root)
@@ -192,7 +252,7 @@ def create_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path]
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:
         return Health(status="ok", version=__version__, adapters=len(engine.adapters),
-                      stats=engine.stats.model_copy())
+                      stats=engine.snapshot())
 
     return app
 

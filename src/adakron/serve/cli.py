@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import signal
 import socket
 import sys
@@ -33,13 +34,15 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adakron serve", description="Serve AdaKron adapters over HTTP (FastAPI).")
+    from ..cli import Parser  # one-line errors, as every adakron command
+
+    p = Parser(prog="adakron serve", description="Serve AdaKron adapters over HTTP (FastAPI).")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="Serve the adapter saved in DIR as NAME (repeat for more).")
     p.add_argument("--model", default=None, help="Base model path or hub id (default: the embedded all-MiniLM-L6-v2).")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from transformers import AutoModelForSequenceClassification
 
-    from ..backbone import load_tokenizer, resolve_model
+    from ..backbone import check_device, load_tokenizer, resolve_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail("nothing to serve: pass --adapter NAME=DIR (or --allow-admin to load adapters at run time).")
         if not 0 <= args.port <= 65535:
             return fail(f"--port {args.port} is not a port number.")
+        check_device(args.device)
         model_path = resolve_model(args.model)
         try:
             tokenizer = load_tokenizer(args.model)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backbone import capped_length, token_limit
 from ..checkpoint import adapter_state_dict, load_adapter, read_adapter
 from ..inject import adapter_names, adapter_parameters, remove_adapter, state_of, task_heads
 from ..switching import predict
@@ -115,8 +116,8 @@ class Engine:
         # Replaced, never mutated, so the event loop can read it while the worker thread loads adapters.
         self.adapters: dict[str, ServedAdapter] = {}
         self.stats = Stats()
-        limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-        self.token_limit = min((v for v in limits if isinstance(v, int) and v > 0), default=None)
+        self.stats_lock = threading.Lock()
+        self.token_limit = token_limit(model, tokenizer)
 
     # -- adapters
 
@@ -140,9 +141,7 @@ class Engine:
                 remove_adapter(self.model, name)
                 raise ServeError(409, "adapter_changed", f"{directory} changed while it was being loaded; retry.")
             config = state_of(self.model).configs[name]
-            max_length = task.get("max_length", DEFAULT_MAX_LENGTH)
-            if self.token_limit:
-                max_length = min(max_length, self.token_limit)
+            max_length = capped_length(task.get("max_length", DEFAULT_MAX_LENGTH), self.model, self.tokenizer)
             served = ServedAdapter(
                 name=name, path=str(directory), task=task.get("task"),
                 text_columns=tuple(task["text_columns"]) if task.get("text_columns") else None,
@@ -185,42 +184,72 @@ class Engine:
     # -- inference
 
     def run(self, items: Sequence[Pending]) -> list[tuple[str, list[dict[str, Any]]] | ServeError]:
-        """Answer every item (in order): (version, per-row predictions), or the error for that item."""
-        with self.lock:
-            adapters = self.adapters
-            results: list[Any] = [None] * len(items)
-            live = []
-            for i, item in enumerate(items):
-                if item.adapter in adapters:
-                    live.append(i)
-                else:  # unloaded while the request waited
-                    results[i] = ServeError(404, "unknown_adapter", f"Adapter {item.adapter!r} was unloaded.")
-            rows = [(i, r) for i in live for r in range(len(items[i].rows))]
-            encodings = self._tokenize([(i, items[i]) for i in live], adapters)
-            outputs: dict[tuple[int, int], torch.Tensor] = {}
-            device = next(self.model.parameters()).device
-            for start in range(0, len(rows), self.max_batch):
-                chunk = rows[start:start + self.max_batch]
-                names = [items[i].adapter for i, _ in chunk]
-                batch = self._collate([encodings[key] for key in chunk], device)
-                logits = predict(self.model, batch, names)
-                for key, row in zip(chunk, logits):
-                    outputs[key] = row.float().cpu()
-                self._count_pass(names)
-            for i in live:
-                info = adapters[items[i].adapter]
-                results[i] = (info.version, [_prediction(info, outputs[(i, r)]) for r in range(len(items[i].rows))])
-                self.stats.requests += 1
-                self.stats.rows += len(items[i].rows)
-            return results
+        """Answer every item (in order): (version, per-row predictions), or the error for that item.
 
-    def _count_pass(self, names: list[str]) -> None:
-        s = self.stats
-        s.forward_passes += 1
-        distinct = len(set(names))
-        s.mixed_forward_passes += distinct > 1
-        s.max_rows_per_pass = max(s.max_rows_per_pass, len(names))
-        s.max_adapters_per_pass = max(s.max_adapters_per_pass, distinct)
+        Items share tokenizer calls and forward passes; if that fails, each is run again on its own, so a
+        request that breaks the batch gets the error and the others their answers."""
+        with self.lock:
+            try:
+                return self._run(items)
+            except Exception:
+                if len(items) == 1:
+                    logger.exception("A request failed inside the model")
+                    return [ServeError(500, "internal_error", "The model failed on this request; see the "
+                                                              "server log.")]
+            return [self._run_alone(item) for item in items]
+
+    def _run_alone(self, item: Pending) -> tuple[str, list[dict[str, Any]]] | ServeError:
+        try:
+            return self._run([item])[0]
+        except Exception:
+            logger.exception("A request failed inside the model")
+            return ServeError(500, "internal_error", "The model failed on this request; see the server log.")
+
+    def _run(self, items: Sequence[Pending]) -> list[tuple[str, list[dict[str, Any]]] | ServeError]:
+        adapters = self.adapters
+        results: list[Any] = [None] * len(items)
+        live = []
+        for i, item in enumerate(items):
+            if item.adapter in adapters:
+                live.append(i)
+            else:  # unloaded while the request waited
+                results[i] = ServeError(404, "unknown_adapter", f"Adapter {item.adapter!r} was unloaded.")
+        rows = [(i, r) for i in live for r in range(len(items[i].rows))]
+        encodings = self._tokenize([(i, items[i]) for i in live], adapters)
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        device = next(self.model.parameters()).device
+        passes = []
+        for start in range(0, len(rows), self.max_batch):
+            chunk = rows[start:start + self.max_batch]
+            names = [items[i].adapter for i, _ in chunk]
+            batch = self._collate([encodings[key] for key in chunk], device)
+            logits = predict(self.model, batch, names)
+            for key, row in zip(chunk, logits):
+                outputs[key] = row.float().cpu()
+            passes.append(names)
+        for i in live:
+            info = adapters[items[i].adapter]
+            results[i] = (info.version, [_prediction(info, outputs[(i, r)]) for r in range(len(items[i].rows))])
+        self._count(passes, [len(items[i].rows) for i in live])
+        return results
+
+    def _count(self, passes: list[list[str]], rows_per_request: list[int]) -> None:
+        """Adds one finished batch to the counters at once, so a snapshot never shows half of it."""
+        with self.stats_lock:
+            s = self.stats
+            for names in passes:
+                s.forward_passes += 1
+                distinct = len(set(names))
+                s.mixed_forward_passes += distinct > 1
+                s.max_rows_per_pass = max(s.max_rows_per_pass, len(names))
+                s.max_adapters_per_pass = max(s.max_adapters_per_pass, distinct)
+            s.requests += len(rows_per_request)
+            s.rows += sum(rows_per_request)
+
+    def snapshot(self) -> Stats:
+        """A consistent copy of the counters (the worker thread updates them while requests read them)."""
+        with self.stats_lock:
+            return self.stats.model_copy()
 
     def _tokenize(self, entries: Sequence[tuple[int, Pending]], adapters: dict[str, ServedAdapter]
                   ) -> dict[tuple[int, int], dict[str, list[int]]]:

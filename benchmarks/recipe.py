@@ -1,0 +1,231 @@
+"""Recipe study: which AdaKron recipe (init, per-factor learning rates) trains as fast and as robustly as LoRA.
+
+AdaKron r=16 under candidate recipes, against the authors' recipe and LoRA, on CoLA, RTE and MRPC (the tasks
+that collapsed in the GLUE grid, and the one that picks the grid's lr), each across the grid's lr values, so
+that robustness to the lr shows as a curve. The epochs, data, seeds and everything else are the GLUE grid's
+(benchmarks/glue.py). The screen runs seed 42 at every lr; `--confirm A,B` then runs seeds 43 and 44 for two
+recipes at the lr each chose on MRPC (the GLUE grid's rule).
+
+Resumable and shareable exactly like glue.py (one JSON per run under benchmarks/results/recipe/, a claim lock
+per run, a guard against a worker that outlived an edit of the library): start one worker per idle core.
+The authors' recipe and LoRA reuse the GLUE grid's runs where it has them (same code path, same settings).
+
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py &          # the screen (one worker; start two on 2 cores)
+    python benchmarks/recipe.py --confirm default,id-down    # 3 seeds for the two best
+    python benchmarks/recipe.py --render                     # rebuild RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from glue import (DEFAULT_DATA, EPOCHS, REPORTED, RESULTS, SEEDS, TASK_NAMES, Method, library_digest, run_id, run_one,
+                  score)
+
+FOLDER = RESULTS / "recipe"
+GLUE_FOLDER = RESULTS / "glue"
+TASKS = ("cola", "rte", "mrpc")
+LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+
+# Each candidate is the authors' recipe with some knobs changed, in the order the screen runs them. They were
+# picked by a 2-epoch CoLA pre-screen at lr 4e-3 (RESULTS.md): there only a lower lr for the down-projections
+# learned at all; B = 0 or a1 = 1 alone stayed at the majority class, as did the authors' recipe and LoRA.
+CANDIDATES = {m.key: m for m in (
+    Method("id-bias1-down8", "adakron", recipe="paper", init="identity", outer_bias=1.0, down_lr_ratio=0.125),
+    Method("id-down8", "adakron", recipe="paper", init="identity", down_lr_ratio=0.125),
+    Method("identity", "adakron", recipe="paper", init="identity"),
+    Method("paper", "adakron", recipe="paper"),
+    Method("lora", "lora"),
+)}
+DESCRIPTIONS = {
+    "id-bias1-down8": "B = 0, the outer factor's bias a1 = 1 (a path linear in h at step 0), u and v at lr/8",
+    "id-down8": "B = 0; the down-projections u, v at lr/8",
+    "identity": "B = 0 (training starts from the base model), one lr",
+    "paper": "the authors' code: every weight N(0, 0.02), zero biases, one lr",
+    "lora": "LoRA r=8 on query/value (peft), alpha 16, dropout 0.1",
+}
+# Runs the GLUE grid already holds for the same settings, under its own method keys.
+GLUE_KEYS = {"paper": "adakron16", "lora": "lora"}
+
+
+def reused(task: str, key: str, seed: int, lr: float) -> dict | None:
+    """The GLUE grid's result for the same run, if it has one."""
+    if key not in GLUE_KEYS:
+        return None
+    path = GLUE_FOLDER / f"{task}-{GLUE_KEYS[key]}-s{seed}-lr{lr:g}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def result(task: str, method: Method, seed: int, lr: float) -> dict | None:
+    path = FOLDER / f"{run_id(task, method, seed, lr)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return reused(task, method.key, seed, lr)
+
+
+# The ends of the lr grid first (the collapses are at the top, slow learning at the bottom), then the middle.
+SCREEN_LRS = (4e-3, 5e-4, 2e-3, 1e-3)
+
+
+def screen_order(keys: list[str]) -> list[tuple[str, str, float]]:
+    """By lr as SCREEN_LRS, CoLA (the cheapest task) first within an lr, the candidates in their order."""
+    return [(task, key, lr) for lr in SCREEN_LRS for task in TASKS for key in keys]
+
+
+def chosen_lr(method: Method) -> float | None:
+    """The lr with the best MRPC F1 (seed 42), once every lr of the screen has run: the GLUE grid's rule."""
+    found = {lr: result("mrpc", method, 42, lr) for lr in LRS}
+    if any(r is None for r in found.values()):
+        return None
+    return max(LRS, key=lambda lr: score(found[lr], "mrpc"))
+
+
+def run(args) -> None:
+    keys = args.candidates
+    if args.confirm:
+        for key in args.confirm:
+            lr = chosen_lr(CANDIDATES[key])
+            if lr is None:
+                print(f"-- {key}: its MRPC lr screen is not complete; run the screen first", flush=True)
+                continue
+            for seed in SEEDS[1:]:
+                for task in TASKS:
+                    _one(task, CANDIDATES[key], seed, lr, args)
+        return
+    for task, key, lr in screen_order(keys):
+        _one(task, CANDIDATES[key], 42, lr, args)
+
+
+def _one(task: str, method: Method, seed: int, lr: float, args) -> None:
+    if reused(task, method.key, seed, lr) is None:
+        run_one(task, method, seed, lr, args, FOLDER)
+
+
+def _cell(r: dict | None, task: str) -> str:
+    if r is None:
+        return "–"
+    loss = r["epochs"][-1]["train_loss"] if r.get("epochs") else None
+    return f"{score(r, task):.1f}" + (f" ({loss:.3f})" if loss is not None else "")
+
+
+def section() -> list[str]:
+    """The study's tables and plot for RESULTS.md, from the result files (and the GLUE grid's reused runs)."""
+    lines = ["## Recipe study: AdaKron r=16 across the lr grid (`python benchmarks/recipe.py`)", "",
+             "Seed 42, the GLUE grid's epochs (" + ", ".join(f"{TASK_NAMES[t]} {EPOCHS[t]}" for t in TASKS) +
+             ") and recipe; `--lr` is the task head's rate for every method, the candidates change only the "
+             "adapter's init and its factors' rates. Cells: best-epoch dev score ×100 (CoLA Matthews, RTE "
+             "accuracy, MRPC F1), then the last epoch's train loss in brackets. Runs of the authors' recipe and "
+             "LoRA that the GLUE grid already had are reused from `benchmarks/results/glue/`.", "",
+             "| recipe | what it changes |", "|---|---|"]
+    lines += [f"| `{k}` | {DESCRIPTIONS[k]} |" for k in CANDIDATES]
+    lines.append("")
+    runs = {(t, k, lr): result(t, CANDIDATES[k], 42, lr) for t in TASKS for k in CANDIDATES for lr in LRS}
+    finished = sum(r is not None for r in runs.values())
+    lines += [f"{finished} of {len(runs)} screen cells have a result.", ""]
+    for task in TASKS:
+        lines += [f"### {TASK_NAMES[task]} ({REPORTED[task]})", "",
+                  "| recipe | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | worst | mean |",
+                  "|---" * (len(LRS) + 3) + "|"]
+        for key in CANDIDATES:
+            got = [runs[task, key, lr] for lr in LRS]
+            values = [score(r, task) for r in got if r is not None]
+            full = len(values) == len(LRS)
+            worst = f"{min(values):.1f}" if full else "–"
+            mean = f"{sum(values) / len(values):.1f}" if full else "–"
+            lines.append(f"| `{key}` | " + " | ".join(_cell(r, task) for r in got) + f" | {worst} | {mean} |")
+        lines.append("")
+    lines += _confirm_table()
+    if finished:
+        plot = FOLDER.parent / "recipe_lr.png"
+        _plot(runs, plot)
+        lines += [f"![dev score against lr, one line per recipe]({plot.relative_to(FOLDER.parent.parent).as_posix()})",
+                  ""]
+    return lines
+
+
+def _confirm_table() -> list[str]:
+    rows = []
+    for key, method in CANDIDATES.items():
+        lr = chosen_lr(method)
+        if lr is None:
+            continue
+        cells, complete = [], True
+        for task in TASKS:
+            values = [score(r, task) for seed in SEEDS if (r := result(task, method, seed, lr)) is not None]
+            complete &= len(values) == len(SEEDS)
+            cells.append(_mean_std(values))
+        if any(result(t, method, s, lr) is not None for t in TASKS for s in SEEDS[1:]):
+            rows.append(f"| `{key}` | {lr:g} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["### Confirmation at the lr each recipe chose on MRPC (seeds " + ", ".join(map(str, SEEDS)) + ")", "",
+            "| recipe | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---" * (len(TASKS) + 2) + "|",
+            *rows, ""]
+
+
+def _mean_std(values: list[float]) -> str:
+    import statistics
+
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1 seed)"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({len(values)} seeds)"
+
+
+def _plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), constrained_layout=True)
+    for ax, task in zip(axes, TASKS):
+        for key in CANDIDATES:
+            points = [(lr, score(r, task)) for lr in LRS if (r := runs[task, key, lr]) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key, linestyle="--" if key == "lora" else "-")
+        ax.set(xscale="log", xlabel="lr (task head)", ylabel=f"dev {REPORTED[task]} ×100", title=TASK_NAMES[task])
+        ax.set_xticks(LRS, [f"{lr:g}" for lr in LRS])
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", type=lambda s: s.split(","), default=list(CANDIDATES))
+    parser.add_argument("--confirm", type=lambda s: s.split(","), help="two candidates to run on seeds 43, 44")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
+    parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.candidates + (args.confirm or [])) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
+    if not args.render:
+        if not (args.data_dir / "RTE").is_dir():
+            print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
+            return 0
+        # What glue.run_one reads from its arguments: the full grid, never the quick one.
+        args.quick, args.max_train_samples, args.max_eval_samples = False, None, None
+        args.library_digest = library_digest()
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        started = time.time()
+        run(args)
+        print(f"recipe pass done in {time.time() - started:.0f}s", flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from render import render
+
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

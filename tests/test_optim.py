@@ -1,0 +1,77 @@
+"""Per-factor learning rates: the parameter groups that `adakron train` and users' own loops build."""
+
+import pytest
+import torch
+
+import adakron
+from adakron.optim import parameter_groups
+
+from conftest import tiny_model
+
+
+def _model(kron_factor=4):
+    model = tiny_model("bert")
+    # A large init: with 0.02 the gradients of the three-factor product are ~1e-9, below Adam's eps.
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, kron_factor=kron_factor, initializer_range=0.5))
+    return model
+
+
+def _names(model, group):
+    ids = {id(p) for p in group["params"]}
+    return sorted(n for n, p in model.named_parameters() if id(p) in ids)
+
+
+def test_groups_give_each_factor_its_multiple_of_the_head_lr():
+    model = _model()
+    groups = {g["name"]: g for g in parameter_groups(model, lr=1e-3, weight_decay=0.1, down_lr_ratio=0.25,
+                                                      up_lr_ratio=2.0)}
+    assert {name: g["lr"] for name, g in groups.items()} == {
+        "adakron_down": 0.25e-3, "adakron_down/no_decay": 0.25e-3, "adakron_up": 2e-3, "adakron_up/no_decay": 2e-3,
+        "head": 1e-3, "head/no_decay": 1e-3}
+    assert all(n.endswith("adakron_down.weight") for n in _names(model, groups["adakron_down"]))
+    assert all(n.endswith("adakron_up.bias") for n in _names(model, groups["adakron_up/no_decay"]))
+    assert _names(model, groups["head"]) == ["bert.pooler.heads.default.dense.weight",
+                                             "classifier.heads.default.weight"]
+
+
+def test_weight_decay_skips_biases_as_the_trainer_does():
+    groups = {g["name"]: g for g in parameter_groups(_model(), lr=1e-3, weight_decay=0.1)}
+    assert {name: g["weight_decay"] for name, g in groups.items()} == {
+        "adakron_down": 0.1, "adakron_down/no_decay": 0.0, "adakron_up": 0.1, "adakron_up/no_decay": 0.0,
+        "head": 0.1, "head/no_decay": 0.0}
+
+
+def test_groups_hold_every_trainable_parameter_once_and_nothing_frozen():
+    model = _model()
+    groups = parameter_groups(model, lr=1e-3)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_groups_work_with_adamw_and_a_step_moves_each_factor_by_its_own_rate():
+    model = _model()
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr=1e-2, down_lr_ratio=0.1))
+    layer = next(m for m in model.modules() if isinstance(m, adakron.layer.AdaKronLayer))
+    adapter = layer.adakron_adapters["default"]
+    before = adapter.adakron_down.weight.detach().clone(), adapter.adakron_up.weight.detach().clone()
+    out = model(input_ids=torch.randint(3, 99, (2, 5))).logits
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    optimizer.step()
+    # Adam's first step moves every parameter with a non-zero gradient by about its lr.
+    down_step = (adapter.adakron_down.weight - before[0]).abs().max().item()
+    up_step = (adapter.adakron_up.weight - before[1]).abs().max().item()
+    assert down_step == pytest.approx(1e-3, rel=0.05)
+    assert up_step == pytest.approx(1e-2, rel=0.05)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "1", True])
+def test_a_ratio_that_is_not_a_positive_number_is_refused(bad):
+    with pytest.raises(ValueError, match="lr ratio"):
+        parameter_groups(_model(), lr=1e-3, down_lr_ratio=bad)
+
+
+def test_a_model_without_trainable_parameters_is_refused_with_what_to_do():
+    model = tiny_model("bert").requires_grad_(False)
+    with pytest.raises(ValueError, match="add_adapter"):
+        parameter_groups(model, lr=1e-3)

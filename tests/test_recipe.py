@@ -1,0 +1,86 @@
+"""The adapter recipe: what `--recipe default|paper` and its four knobs give, and that the paper recipe is
+the authors' code exactly (their init, one learning rate, the Trainer's own AdamW groups)."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import adakron
+from adakron.adapter import KronAdapter
+from adakron.config import AdaKronConfig
+from adakron.optim import DOWN_LR_RATIO, UP_LR_RATIO, parameter_groups
+from adakron.train import ADAPTER_RECIPES, TrainArgs, _with_recipe, adakron_config, OWN_DATA_RECIPE
+
+
+def test_default_recipe_reads_its_values_from_the_config_and_optim_defaults():
+    default = ADAPTER_RECIPES["default"]
+    assert (default.init, default.outer_bias) == (AdaKronConfig().init, AdaKronConfig().outer_bias)
+    assert (default.down_lr_ratio, default.up_lr_ratio) == (DOWN_LR_RATIO, UP_LR_RATIO)
+
+
+def test_paper_recipe_is_the_authors_init_and_one_lr():
+    paper = _with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)
+    assert (paper.init, paper.outer_bias, paper.down_lr_ratio, paper.up_lr_ratio) == ("reference", 0.0, 1.0, 1.0)
+    config = adakron_config(paper)
+    assert (config.init, config.outer_bias) == ("reference", 0.0)
+
+
+def test_a_knob_given_on_its_own_overrides_the_recipe():
+    args = _with_recipe(TrainArgs(recipe="paper", init="identity", down_lr_ratio=0.125), OWN_DATA_RECIPE)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("identity", 0.0, 0.125, 1.0)
+
+
+def test_paper_init_gives_normal_weights_zero_biases_and_a_non_zero_up_projection():
+    torch.manual_seed(0)
+    adapter = KronAdapter(384, adakron_config(_with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)), 0.02)
+    for linear in (adapter.adakron_down, adapter.adakron_up):
+        assert torch.count_nonzero(linear.bias) == 0
+        assert abs(linear.weight.std().item() - 0.02) < 0.002
+    assert torch.count_nonzero(adapter.adakron_up.weight) == adapter.adakron_up.weight.numel()
+
+
+def test_outer_bias_sets_only_the_outer_factors_bias():
+    adapter = KronAdapter(24, AdaKronConfig(rank=16, kron_factor=4, outer_bias=1.0))
+    assert adapter.adakron_down.bias.tolist() == [1.0] * 4 + [0.0] * 4
+    plain = KronAdapter(24, AdaKronConfig(rank=16, kron_factor=1, outer_bias=1.0))
+    assert torch.count_nonzero(plain.adakron_down.bias) == 0  # no outer factor in the one-factor case
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1", True, None])
+def test_outer_bias_must_be_a_finite_number(bad):
+    with pytest.raises(ValueError, match="outer_bias"):
+        AdaKronConfig(outer_bias=bad)
+
+
+def test_outer_bias_round_trips_and_configs_saved_before_it_existed_still_load():
+    config = AdaKronConfig(outer_bias=0.5)
+    assert AdaKronConfig.from_json(config.to_json()) == config
+    old = json.loads(AdaKronConfig().to_json())
+    del old["outer_bias"]
+    assert AdaKronConfig.from_dict(old).outer_bias == 0.0
+
+
+def test_paper_recipe_groups_are_what_the_trainer_builds_itself(tmp_path):
+    """Per parameter, the same lr and weight decay as Trainer.create_optimizer: so `--recipe paper` trains
+    exactly as the authors' code (and as this library did before it had parameter groups)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("bert")
+    adakron.add_adapter(model, AdaKronConfig(rank=8))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-3,
+                                                          weight_decay=0.1, report_to="none", use_cpu=True))
+    theirs = {id(p): (g["lr"], g["weight_decay"]) for g in trainer.create_optimizer().param_groups for p in g["params"]}
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in parameter_groups(model, 2e-3, 0.1) for p in g["params"]}
+    assert ours == theirs
+
+
+def test_train_flags_reach_the_adapter_and_the_optimizer(monkeypatch):
+    from adakron.cli import build_parser
+
+    ns = build_parser().parse_args(["train", "--task", "rte", "--recipe", "paper", "--outer-bias", "1",
+                                    "--down-lr-ratio", "0.125", "--up-lr-ratio", "2"])
+    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
+    args = _with_recipe(TrainArgs(**fields), OWN_DATA_RECIPE)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 1.0, 0.125, 2.0)
