@@ -111,7 +111,7 @@ def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) ->
     """Train one run in a scratch folder named after its result file and store the result atomically."""
     import torch
 
-    from adakron.train import TrainArgs, fit
+    from adakron.training.trainer import TrainArgs, fit
 
     scratch = HERE.parent / "runs" / "bench" / path.parent.name / path.stem
     print(f"== {path.stem}", flush=True)

@@ -29,7 +29,7 @@ import transformers
 
 import adakron
 from adakron import AdaKronConfig
-from adakron.backbone import DEFAULT_MODEL, load_classifier
+from adakron.models import DEFAULT_MODEL, load_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEAD_WIDTHS = (2, 3, 1, 2, 2, 3, 1, 2)  # heads of different widths, as GLUE tasks have (MNLI 3, STS-B 1)

@@ -30,8 +30,8 @@ DEV_ROWS, BATCH, MAX_LENGTH, SEED = 600, 32, 128, 42
 
 
 def build(method: str, train_pooler: bool):
-    from adakron.backbone import load_classifier
-    from adakron.train import TrainArgs, apply_method
+    from adakron.models import load_classifier
+    from adakron.training.trainer import TrainArgs, apply_method
 
     return apply_method(load_classifier(None, 1, problem_type="regression"), method, TrainArgs(), train_pooler)
 
@@ -53,10 +53,10 @@ def dev_pearson(model, dev, collate) -> float:
 def probe(method: str, train_pooler: bool, steps: int, data_dir: Path) -> dict:
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup, set_seed
 
-    from adakron.backbone import load_tokenizer
-    from adakron.data import tokenize
-    from adakron.glue import get_task, load_glue
-    from adakron.inject import trainable_parameters
+    from adakron.adapters.inject import trainable_parameters
+    from adakron.models import load_tokenizer
+    from adakron.training.data import tokenize
+    from adakron.training.tasks import get_task, load_glue
 
     set_seed(SEED)
     tokenizer = load_tokenizer(None)

@@ -24,8 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-from glue import (DEFAULT_DATA, EPOCHS, REPORTED, RESULTS, SEEDS, TASK_NAMES, Method, library_digest, run_id, run_one,
-                  score)
+from glue import (
+    DEFAULT_DATA,
+    EPOCHS,
+    REPORTED,
+    RESULTS,
+    SEEDS,
+    TASK_NAMES,
+    Method,
+    library_digest,
+    run_id,
+    run_one,
+    score,
+)
 
 FOLDER = RESULTS / "recipe"
 GLUE_FOLDER = RESULTS / "glue"

@@ -127,8 +127,8 @@ def _head_parameters(with_pooler: bool) -> dict[str, int]:
 def _bare_head() -> tuple[dict[str, int], str | None]:
     """(parameters per head module, the pooler's path): the backbone is loaded once per render, not per grid."""
     from adakron import AdaKronConfig
-    from adakron.backbone import load_classifier
-    from adakron.inject import head_names, pooler_path
+    from adakron.adapters.inject import head_names, pooler_path
+    from adakron.models import load_classifier
 
     model = load_classifier(None, 2)
     names = head_names(model, AdaKronConfig())
@@ -282,7 +282,7 @@ def pooler_section() -> list[str]:
              "every method carries the same head, so the trainable-parameter column grows by the same amount for "
              "each. RoBERTa, ELECTRA and DeBERTa heads carry that dense layer themselves and train it (so "
              "does the AdaMix code the authors built on, for RoBERTa); so now every method's head is the pooler plus "
-             "the classifier (`adakron.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`), "
+             "the classifier (`adakron.adapters.inject.pooler_path`; LoRA gets it through peft's `modules_to_save`), "
              "in the grid above and in every section of this file that does not say the pooler was frozen.",
              ""]
     all_probes = [json.loads(p.read_text()) for p in sorted((RESULTS / "pooler_probe").glob("*.json"))]

@@ -1,6 +1,6 @@
 """Latency and throughput of `adakron serve` under N concurrent clients mixing adapters.
 
-Starts the server as a subprocess (``python -m adakron.serve``) on a free loopback port with K adapters
+Starts the server as a subprocess (``python -m adakron.serving``) on a free loopback port with K adapters
 (random AdaKron weights: the numbers are about speed, not accuracy), then N asyncio clients send
 ``/v1/predict`` requests for ``--duration`` seconds, each request to the next adapter in turn. Reports
 p50/p90/p99 latency, requests/s and rows/s, and the server's forward-pass counters; prints a table and
@@ -63,7 +63,7 @@ def prepare(args, work: Path) -> tuple[str | None, dict[str, Path]]:
     if args.tiny:
         model_arg = str(work / "model")
         _tiny(work / "model")
-    from adakron.backbone import load_classifier
+    from adakron.models import load_classifier
 
     model = load_classifier(model_arg, num_labels=2)
     adapters = {}
@@ -81,7 +81,7 @@ def prepare(args, work: Path) -> tuple[str | None, dict[str, Path]]:
 
 
 def start_server(args, model_arg: str | None, adapters: dict[str, Path]) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "adakron.serve", "--port", "0", "--log-level", "warning",
+    command = [sys.executable, "-m", "adakron.serving", "--port", "0", "--log-level", "warning",
                "--threads", str(args.threads), "--max-wait-ms", str(args.max_wait_ms),
                "--max-batch", str(args.max_batch), "--max-rows", str(max(64, args.rows))]
     if model_arg:

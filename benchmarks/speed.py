@@ -98,7 +98,7 @@ def backbone(name: str, seed: int = 0) -> nn.Module:
     """A fresh sequence-classification model with 2 labels; random weights are seeded, so equal across copies."""
     torch.manual_seed(seed)
     if name == "minilm":
-        from adakron.backbone import load_classifier
+        from adakron.models import load_classifier
 
         return load_classifier(None, 2)
     sizes = {
@@ -118,7 +118,7 @@ class Gate(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        from adakron.targets import output_width
+        from adakron.adapters.targets import output_width
 
         weight = base_layer.weight
         self.scale = nn.Parameter(torch.ones(output_width(base_layer), device=weight.device, dtype=weight.dtype))
@@ -130,7 +130,7 @@ class Gate(nn.Module):
 
 def add_gates(model: nn.Module) -> nn.Module:
     """Wrap exactly the modules AdaKron would wrap (its own site finder) in Gate; freeze all but gates and head."""
-    from adakron.inject import find_sites, head_names
+    from adakron.adapters.inject import find_sites, head_names
 
     config = AdaKronConfig(rank=RANK, kron_factor=KRON_FACTOR)
     heads = head_names(model, config)
@@ -149,7 +149,7 @@ def add_gates(model: nn.Module) -> nn.Module:
 def with_method(model: nn.Module, method: str) -> nn.Module:
     if method == "gate":
         return add_gates(model)
-    from adakron.train import TrainArgs, apply_method
+    from adakron.training.trainer import TrainArgs, apply_method
 
     return apply_method(model, method, TrainArgs(rank=RANK, kron_factor=KRON_FACTOR, lora_r=LORA_R,
                                                  lora_alpha=LORA_ALPHA))
@@ -279,7 +279,7 @@ def memory_child(args) -> dict:
     model_name, method = args.models[0], args.methods[0]
     import peft  # noqa: F401  every method's process imports the same modules, so the baselines compare
 
-    import adakron.train  # noqa: F401
+    import adakron.training.trainer  # noqa: F401
 
     rss_start = _status_kib("VmRSS") * 1024
     trainee = Trainee(model_name, method, args)
@@ -435,8 +435,8 @@ def epoch_cost(args) -> dict:
     from transformers import DataCollatorWithPadding
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from adakron.backbone import load_tokenizer
-    from adakron.data import read_file
+    from adakron.models import load_tokenizer
+    from adakron.training.data import read_file
 
     path = Path(args.sst2)
     if not path.is_file():

@@ -62,7 +62,7 @@ class StopAtTarget(TrainerCallback):
 
 
 def run(method: str, lr: float, args) -> dict:
-    from adakron.train import TrainArgs, fit
+    from adakron.training.trainer import TrainArgs, fit
 
     scratch = HERE.parent / "runs" / "time_to_accuracy" / method
     stopper = StopAtTarget(args.target)

@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from adakron import AdaKronConfig
-from adakron.adapter import KronAdapter
-from adakron.layer import AdaKronLayer
+from adakron.adapters.kron import KronAdapter
+from adakron.adapters.layer import AdaKronLayer
 
 
 def _adapter(rank=16, kron_factor=4, width=24, init="reference"):

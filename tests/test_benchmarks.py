@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import glue
+import recipe
 
 
 def test_a_run_is_claimed_by_one_worker_at_a_time(tmp_path):
@@ -50,8 +51,6 @@ def test_a_result_trained_for_other_epochs_is_not_reused(tmp_path):
     with pytest.raises(SystemExit, match="move it out"):
         glue.run_one("cola", method, 42, 2e-3, SimpleNamespace(quick=False), tmp_path)
 
-
-import recipe
 
 
 def test_the_recipe_screen_runs_every_task_candidate_and_lr_once_with_the_top_lr_first():

@@ -6,7 +6,7 @@ from conftest import TINY, tiny_batch, tiny_model
 
 import adakron
 from adakron import AdaKronConfig, AdapterLoadError
-from adakron.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from adakron.adapters.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _trained(family="bert", num_labels=2, seed=5, **config):
@@ -62,7 +62,7 @@ def test_crash_mid_save_never_leaves_a_half_written_file(tmp_path, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("adakron.checkpoint.os.replace", crash)
+    monkeypatch.setattr("adakron.adapters.checkpoint.os.replace", crash)
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad).add_(1.0)
     with pytest.raises(KeyboardInterrupt):

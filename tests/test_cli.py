@@ -215,7 +215,7 @@ def test_resume_refuses_a_finished_run_and_changed_settings(tiny_model_dir, csv_
     _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],
            "that run has finished")
     (out / "checkpoints").mkdir()
-    from adakron.train import RUN_ARGS
+    from adakron.training.trainer import RUN_ARGS
 
     (out / "checkpoints" / RUN_ARGS).write_text(json.dumps({"lr": 1.0}))
     _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],

@@ -7,9 +7,9 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from adakron.data import UsageError
-from adakron.glue import TASKS, get_task, load_glue
-from adakron.metrics import compute
+from adakron.training.data import UsageError
+from adakron.training.metrics import compute
+from adakron.training.tasks import TASKS, get_task, load_glue
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -152,7 +152,7 @@ def test_hub_path_reads_nyu_mll_glue_columns(monkeypatch):
         return DatasetDict({"train": split, "validation_matched": split, "validation_mismatched": split})
 
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
-    monkeypatch.setattr("adakron.glue._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("adakron.training.tasks._hub_reachable", lambda timeout=3.0: True)
     monkeypatch.delenv("GLUE_DIR", raising=False)
     train, devs = load_glue(get_task("mnli"), None)
     assert calls == [("nyu-mll/glue", "mnli")]

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 import adakron
 from adakron import AdaKronConfig
-from adakron.layer import AdaKronLayer, TaskHeads
+from adakron.adapters.layer import AdaKronLayer, TaskHeads
 
 FFN_SITE = {
     "bert": r"bert\.encoder\.layer\.\d\.output\.dense",
@@ -84,7 +84,7 @@ def test_only_adapters_and_the_task_head_train(family):
 
 def test_trainable_parameters_match_the_closed_form(family):
     model = tiny_model(family, num_labels=3)
-    head = sum(p.numel() for name in adakron.inject.head_names(model, AdaKronConfig())
+    head = sum(p.numel() for name in adakron.adapters.inject.head_names(model, AdaKronConfig())
                for p in model.get_submodule(name).parameters())
     total_before = sum(p.numel() for p in model.parameters())
     adakron.add_adapter(model, AdaKronConfig(rank=16, kron_factor=4))
@@ -209,7 +209,7 @@ def test_explicit_head_modules_without_the_pooler_leave_it_frozen_and_unwrapped(
 
 @pytest.mark.parametrize("method", ["adakron", "adapter", "lora"])
 def test_every_peft_method_trains_the_pooler_unless_asked_to_leave_it_frozen(method):
-    from adakron.train import TrainArgs, apply_method
+    from adakron.training.trainer import TrainArgs, apply_method
 
     def pooler_trains(train_pooler):
         model = apply_method(tiny_model("bert"), method, TrainArgs(lora_r=4), train_pooler)
@@ -231,5 +231,5 @@ def test_a_pooler_the_head_never_reads_stays_frozen():
     model = BigBirdForSequenceClassification(config)
     assert model.bert.pooler is not None  # built, but the classification head reads the first token itself
     adakron.add_adapter(model, AdaKronConfig(target_modules=r"bert\.encoder\.layer\.\d\.output\.dense"))
-    assert adakron.inject.head_names(model, AdaKronConfig()) == ["classifier"]
+    assert adakron.adapters.inject.head_names(model, AdaKronConfig()) == ["classifier"]
     assert not any(p.requires_grad for p in model.bert.pooler.parameters())

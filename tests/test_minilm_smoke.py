@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 import adakron
 from adakron import AdaKronConfig
-from adakron.backbone import load_classifier
 from adakron.cli import main
+from adakron.models import load_classifier
 
 
 def test_minilm_r16_f4_has_57648_adapter_parameters():

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import adakron
-from adakron.optim import parameter_groups
-
-from conftest import tiny_model
+from adakron.adapters.optim import parameter_groups
 
 
 def _model(kron_factor=4):
@@ -52,7 +51,7 @@ def test_groups_hold_every_trainable_parameter_once_and_nothing_frozen():
 def test_groups_work_with_adamw_and_a_step_moves_each_factor_by_its_own_rate():
     model = _model()
     optimizer = torch.optim.AdamW(parameter_groups(model, lr=1e-2, down_lr_ratio=0.1))
-    layer = next(m for m in model.modules() if isinstance(m, adakron.layer.AdaKronLayer))
+    layer = next(m for m in model.modules() if isinstance(m, adakron.adapters.layer.AdaKronLayer))
     adapter = layer.adakron_adapters["default"]
     before = adapter.adakron_down.weight.detach().clone(), adapter.adakron_up.weight.detach().clone()
     out = model(input_ids=torch.randint(3, 99, (2, 5))).logits

@@ -7,7 +7,7 @@ from torch import nn
 
 import adakron
 from adakron import AdaKronConfig
-from adakron.layer import TaskHeads
+from adakron.adapters.layer import TaskHeads
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_model
 
 import adakron
-from adakron.adapter import KronAdapter
-from adakron.config import AdaKronConfig
-from adakron.optim import DOWN_LR_RATIO, UP_LR_RATIO, parameter_groups
-from adakron.train import ADAPTER_RECIPES, TrainArgs, _with_recipe, adakron_config, OWN_DATA_RECIPE
+from adakron.adapters.config import AdaKronConfig
+from adakron.adapters.kron import KronAdapter
+from adakron.adapters.optim import DOWN_LR_RATIO, UP_LR_RATIO, parameter_groups
+from adakron.training.recipes import ADAPTER_RECIPES, OWN_DATA_RECIPE, TrainArgs, adakron_config, with_recipe
 
 
 def test_default_recipe_reads_its_values_from_the_config_and_optim_defaults():
@@ -21,20 +21,20 @@ def test_default_recipe_reads_its_values_from_the_config_and_optim_defaults():
 
 
 def test_paper_recipe_is_the_authors_init_and_one_lr():
-    paper = _with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)
+    paper = with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)
     assert (paper.init, paper.outer_bias, paper.down_lr_ratio, paper.up_lr_ratio) == ("reference", 0.0, 1.0, 1.0)
     config = adakron_config(paper)
     assert (config.init, config.outer_bias) == ("reference", 0.0)
 
 
 def test_a_knob_given_on_its_own_overrides_the_recipe():
-    args = _with_recipe(TrainArgs(recipe="paper", init="identity", down_lr_ratio=0.125), OWN_DATA_RECIPE)
+    args = with_recipe(TrainArgs(recipe="paper", init="identity", down_lr_ratio=0.125), OWN_DATA_RECIPE)
     assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("identity", 0.0, 0.125, 1.0)
 
 
 def test_paper_init_gives_normal_weights_zero_biases_and_a_non_zero_up_projection():
     torch.manual_seed(0)
-    adapter = KronAdapter(384, adakron_config(_with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)), 0.02)
+    adapter = KronAdapter(384, adakron_config(with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)), 0.02)
     for linear in (adapter.adakron_down, adapter.adakron_up):
         assert torch.count_nonzero(linear.bias) == 0
         assert abs(linear.weight.std().item() - 0.02) < 0.002
@@ -82,5 +82,5 @@ def test_train_flags_reach_the_adapter_and_the_optimizer(monkeypatch):
     ns = build_parser().parse_args(["train", "--task", "rte", "--recipe", "paper", "--outer-bias", "1",
                                     "--down-lr-ratio", "0.125", "--up-lr-ratio", "2"])
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
-    args = _with_recipe(TrainArgs(**fields), OWN_DATA_RECIPE)
+    args = with_recipe(TrainArgs(**fields), OWN_DATA_RECIPE)
     assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 1.0, 0.125, 2.0)

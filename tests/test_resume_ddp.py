@@ -38,7 +38,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_results(tiny_model_dir, tmp_pa
         import os, signal, sys
         from transformers import TrainerCallback
         from adakron.cli import build_parser
-        from adakron.train import TrainArgs, fit
+        from adakron.training.trainer import TrainArgs, fit
 
         class KillMidEpoch(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):

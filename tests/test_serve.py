@@ -24,8 +24,8 @@ from conftest import tiny_model
 
 import adakron
 from adakron import AdaKronConfig
-from adakron.inject import task_heads
-from adakron.serve import create_app, main
+from adakron.adapters.inject import task_heads
+from adakron.serving import create_app, main
 
 # name: (num_labels, text columns)
 ADAPTERS = {"rte": (2, ["sentence1", "sentence2"]), "stsb": (1, ["sentence1", "sentence2"]),
@@ -437,7 +437,7 @@ def test_stopping_the_server_leaves_no_thread_behind(work):
 def _serve_process(work, *args: str, ignore_sigint: bool = False
                    ) -> tuple[subprocess.Popen, str, queue.Queue, threading.Thread]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "adakron.serve", "--model", str(work["model_dir"]), "--port", "0",
+    command = [sys.executable, "-m", "adakron.serving", "--model", str(work["model_dir"]), "--port", "0",
                "--threads", "1", *args]
     # A shell starts background jobs with SIGINT ignored (the child inherits that); the server must still
     # stop on it, exiting 130.

@@ -12,10 +12,23 @@ import urllib.request
 
 import pytest
 import torch
-from test_serve import ADAPTERS, MAX_CHARS, MAX_ROWS, LiveServer, _alive, _app, _bad_start, _inputs  # noqa: F401
-from test_serve import client, reference, server, traps, work  # noqa: F401  (module fixtures)
+from test_serve import (  # noqa: F401  # noqa: F401  (module fixtures)
+    ADAPTERS,
+    MAX_CHARS,
+    MAX_ROWS,
+    LiveServer,
+    _alive,
+    _app,
+    _bad_start,
+    _inputs,
+    client,
+    reference,
+    server,
+    traps,
+    work,
+)
 
-from adakron.serve.app import Limits
+from adakron.serving.app import Limits
 
 
 def _post_chunked(url: str, chunks, path: str = "/v1/predict") -> tuple[int, dict]:
@@ -96,7 +109,7 @@ def test_a_lone_surrogate_fails_only_its_own_request(server, reference, work):  
 
 
 def test_a_failure_inside_a_shared_batch_fails_only_the_request_that_caused_it(work, monkeypatch):  # noqa: F811
-    from adakron.serve.engine import Pending
+    from adakron.serving.engine import Pending
 
     app = _app(work)
     engine = app.state.engine

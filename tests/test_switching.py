@@ -95,7 +95,7 @@ def test_mixed_batch_needs_one_name_per_row():
 def test_a_new_adapter_takes_the_bare_models_labels_not_the_active_adapters():
     model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(num_labels=1), name="stsb")
     adakron.add_adapter(model, name="rte")
-    assert adakron.inject.state_of(model).configs["rte"].num_labels == 2
+    assert adakron.adapters.inject.state_of(model).configs["rte"].num_labels == 2
     with adakron.use_adapter(model, "rte"):
         assert model(**tiny_batch()).logits.shape == (3, 2)
 

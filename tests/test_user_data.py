@@ -137,7 +137,7 @@ def test_overwrite_replaces_a_finished_run_but_nothing_else(run_dir, tiny_model_
 
 
 def test_overwrite_refuses_a_folder_holding_the_training_data(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(16, seed=2))
+    write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(16, seed=2))
     monkeypatch.chdir(tmp_path)
     _fails(capsys, ["train", "--model", tiny_model_dir, "--train-file", "train.csv", "--validation-file",
                     "train.csv", "--text-columns", "text", "--output-dir", ".", "--overwrite"], "holds this run's input")

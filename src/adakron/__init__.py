@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter
-from .config import AdaKronConfig
-from .inject import (
+from .adapters.checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter
+from .adapters.config import AdaKronConfig
+from .adapters.inject import (
     adapter_names,
     adapter_parameters,
     add_adapter,
@@ -13,7 +13,7 @@ from .inject import (
     trainable_parameters,
     unload,
 )
-from .switching import active_adapter, disable_adapters, predict, route_rows, set_active_adapter, use_adapter
+from .adapters.switching import active_adapter, disable_adapters, predict, route_rows, set_active_adapter, use_adapter
 
 __all__ = [
     "AdaKronConfig",

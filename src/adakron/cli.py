@@ -6,16 +6,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import MISSING, fields
 
-from .checkpoint import AdapterLoadError
-from .config import INITS
-from .data import UsageError
-from .train import ADAPTER_RECIPES, METHODS, TrainArgs
+from .adapters.checkpoint import AdapterLoadError
+from .adapters.config import INITS, PLACEMENTS
+from .errors import Parser, UsageError
+from .training.recipes import ADAPTER_RECIPES, METHODS, TrainArgs
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+# One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
+DEFAULTS = {f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}
 
 
 def _columns(value: str) -> list[str]:
@@ -34,17 +33,18 @@ def build_parser() -> Parser:
     data.add_argument("--train-file", help="your own training data (.csv, .tsv or .jsonl)")
     data.add_argument("--validation-file", help="your own labelled dev data, same format")
     data.add_argument("--text-columns", type=_columns, help="one or two text columns, comma-separated")
-    data.add_argument("--label-column", default="label")
+    data.add_argument("--label-column", default=DEFAULTS["label_column"])
     data.add_argument("--task-type", choices=["classification", "regression"],
                       help="default: regression for non-integer numeric labels, else classification")
     data.add_argument("--max-train-samples", type=int)
     data.add_argument("--max-eval-samples", type=int)
     method = train.add_argument_group("method")
     method.add_argument("--model", help="local path or hub id (default: the embedded all-MiniLM-L6-v2)")
-    method.add_argument("--method", default="adakron", choices=METHODS)
-    method.add_argument("--rank", type=int, default=16, help="adapter size r (adakron, adapter)")
-    method.add_argument("--kron-factor", type=int, default=4, help="outer factor width f (adakron)")
-    method.add_argument("--recipe", default="default", choices=list(ADAPTER_RECIPES),
+    method.add_argument("--method", default=DEFAULTS["method"], choices=METHODS)
+    method.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="adapter size r (adakron, adapter)")
+    method.add_argument("--kron-factor", type=int, default=DEFAULTS["kron_factor"],
+                        help="outer factor width f (adakron)")
+    method.add_argument("--recipe", default=DEFAULTS["recipe"], choices=list(ADAPTER_RECIPES),
                         help="adakron/adapter recipe: 'default' (this library's, see README) or 'paper' (the "
                              "authors' code: their init, one lr for everything); the four flags below override it")
     method.add_argument("--init", choices=list(INITS), help="'reference': every adapter weight N(0, 0.02) (paper); "
@@ -53,17 +53,17 @@ def build_parser() -> Parser:
     method.add_argument("--down-lr-ratio", type=float,
                         help="the down-projections (u, v) train at --lr times this (paper: 1)")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this (paper: 1)")
-    method.add_argument("--placement", default="ffn", choices=["ffn", "houlsby"])
-    method.add_argument("--lora-r", type=int, default=8)
-    method.add_argument("--lora-alpha", type=int, default=16)
+    method.add_argument("--placement", default=DEFAULTS["placement"], choices=list(PLACEMENTS))
+    method.add_argument("--lora-r", type=int, default=DEFAULTS["lora_r"])
+    method.add_argument("--lora-alpha", type=int, default=DEFAULTS["lora_alpha"])
     recipe = train.add_argument_group("recipe (defaults per task: see README)")
     recipe.add_argument("--epochs", type=float)
     recipe.add_argument("--lr", type=float)
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--max-length", type=int)
-    recipe.add_argument("--warmup-ratio", type=float, default=0.06)
-    recipe.add_argument("--weight-decay", type=float, default=0.1)
-    recipe.add_argument("--seed", type=int, default=42)
+    recipe.add_argument("--warmup-ratio", type=float, default=DEFAULTS["warmup_ratio"])
+    recipe.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    recipe.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     recipe.add_argument("--eval-steps", type=int, help="evaluate every N steps instead of every epoch")
     recipe.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length")
     recipe.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
@@ -105,14 +105,14 @@ def build_parser() -> Parser:
 
     params = sub.add_parser("params", help="trainable/total parameters of each method on a model")
     params.add_argument("--model")
-    params.add_argument("--rank", type=int, default=16)
-    params.add_argument("--kron-factor", type=int, default=4)
-    params.add_argument("--lora-r", type=int, default=8)
+    params.add_argument("--rank", type=int, default=DEFAULTS["rank"])
+    params.add_argument("--kron-factor", type=int, default=DEFAULTS["kron_factor"])
+    params.add_argument("--lora-r", type=int, default=DEFAULTS["lora_r"])
     params.add_argument("--num-labels", type=int, default=2)
 
     targets = sub.add_parser("targets", help="list a model's Linear/Conv1D modules and the default targets")
     targets.add_argument("--model")
-    targets.add_argument("--placement", default="ffn", choices=["ffn", "houlsby"])
+    targets.add_argument("--placement", default=DEFAULTS["placement"], choices=list(PLACEMENTS))
 
     sub.add_parser("serve", help="HTTP inference server for many adapters (see `adakron serve --help`)",
                    add_help=False)
@@ -120,7 +120,7 @@ def build_parser() -> Parser:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .train import fit
+    from .training.trainer import fit
 
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     results = fit(TrainArgs(**fields))
@@ -133,9 +133,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .inference import evaluate
-
-    from .metrics import undefined_note
+    from .training.inference import evaluate
+    from .training.metrics import undefined_note
 
     results = evaluate(ns.adapter, ns.task, ns.data_dir, ns.validation_file, ns.text_columns, ns.label_column,
                        ns.model, ns.max_eval_samples, ns.batch_size)
@@ -146,7 +145,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    from .inference import predict
+    from .training.inference import predict
 
     count = predict(ns.adapter, ns.input, ns.output, ns.text_columns, ns.model, ns.overwrite, ns.batch_size,
                     ns.prediction_column, ns.score_column)
@@ -155,9 +154,10 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
 
 def cmd_params(ns: argparse.Namespace) -> int:
-    from .backbone import load_classifier
-    from .inject import trainable_parameters
-    from .train import adakron_config, apply_method
+    from .adapters.inject import trainable_parameters
+    from .models import load_classifier
+    from .training.recipes import adakron_config
+    from .training.trainer import apply_method
 
     args = TrainArgs(rank=ns.rank, kron_factor=ns.kron_factor, lora_r=ns.lora_r)
     adakron_config(args)  # a bad --rank/--kron-factor is a usage error, before any model is loaded
@@ -170,10 +170,10 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
 
 def cmd_targets(ns: argparse.Namespace) -> int:
-    from .backbone import load_classifier
-    from .config import AdaKronConfig
-    from .inject import find_sites, head_names
-    from .targets import WRAPPABLE
+    from .adapters.config import AdaKronConfig
+    from .adapters.inject import find_sites, head_names
+    from .adapters.targets import WRAPPABLE
+    from .models import load_classifier
 
     model = load_classifier(ns.model, 2)
     config = AdaKronConfig(placement=ns.placement)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv[:1] == ["serve"]:
-        from .serve import main as serve_main
+        from .serving import main as serve_main
 
         return serve_main(argv[1:])
     try:

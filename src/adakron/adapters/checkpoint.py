@@ -14,10 +14,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as dump_safetensors
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .config import FORMAT_VERSION, METADATA_KEYS, AdaKronConfig
-from .inject import STATE_ATTR, adapter_names, add_adapter, remove_adapter, state_of
+from .inject import add_adapter, remove_adapter
 from .layer import AdaKronLayer, TaskHeads
+from .state import STATE_ATTR, adapter_names, set_active_adapter, state_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -184,6 +185,4 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
 def _rollback(model: nn.Module, name: str, had_adapters: bool, previous: str | None) -> None:
     remove_adapter(model, name)  # the last adapter's removal is unload: the model as it was
     if had_adapters:
-        from .switching import set_active_adapter
-
         set_active_adapter(model, previous)

@@ -4,49 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 
-from .inject import adakron_layers, adapter_names, state_of, task_heads
-
-
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the adapter (and head) every forward uses; None runs the bare model."""
-    state = state_of(model)
-    if name is not None and name not in state.configs:
-        raise ValueError(f"No adapter named {name!r}; adapters: {adapter_names(model)}.")
-    for module in (*adakron_layers(model), *task_heads(model)):
-        module.active_adapter = name
-    state.active = name
-    _apply_labels(model, _labels_for(model, name))
-
-
-def active_adapter(model: nn.Module) -> str | None:
-    return state_of(model).active
-
-
-def _labels_for(model: nn.Module, name: str | None) -> dict[str, Any]:
-    state = state_of(model)
-    if name is None:
-        return state.base_labels
-    config = state.configs[name]
-    return {
-        "num_labels": config.num_labels,
-        "id2label": dict(enumerate(config.label_names)),
-        "label2id": {label: i for i, label in enumerate(config.label_names)},
-        "problem_type": config.problem_type,
-    }
-
-
-def _apply_labels(model: nn.Module, labels: dict[str, Any]) -> None:
-    # The model's forward picks its loss from these, so they must follow the head in use.
-    model.config.id2label = dict(labels["id2label"])
-    model.config.label2id = dict(labels["label2id"])
-    model.config.problem_type = labels["problem_type"]
-    if hasattr(model, "num_labels"):
-        model.num_labels = labels["num_labels"]
+from .state import active_adapter, adakron_layers, adapter_names, set_active_adapter, state_of, task_heads
 
 
 @contextmanager

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG_NAME, AdapterLoadError, load_adapter, read_adapter
-from .data import FORMATS, Examples, LabelSpace, UsageError, encode_labels, read_file, tokenize
-from .glue import get_task, load_glue, read_split
+from ..adapters.checkpoint import CONFIG_NAME, AdapterLoadError, load_adapter, read_adapter
+from ..errors import UsageError
+from .data import FORMATS, Examples, LabelSpace, encode_labels, read_file, tokenize
 from .metrics import compute, predictions_from_logits
-from .train import FULL_MODEL_DIR, TASK_FILE
+from .rundir import FULL_MODEL_DIR, TASK_FILE
+from .tasks import get_task, load_glue, read_split
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Trained:
 
 def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
     """A run directory written by `adakron train` (or save_adapter), ready for inference."""
-    from .backbone import load_classifier, load_tokenizer
+    from ..models import load_classifier, load_tokenizer
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -63,7 +64,7 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
             raise UsageError(str(e)) from None
         tokenizer = load_tokenizer(base)
         labels = LabelSpace(None if config.problem_type == "regression" else tuple(config.label_names))
-    from .backbone import capped_length
+    from ..models import capped_length
 
     max_length = capped_length(info.get("max_length", 128), model, tokenizer)
     return Trained(model.eval(), tokenizer, labels, info.get("text_columns"), max_length, info.get("task"))

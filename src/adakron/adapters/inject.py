@@ -3,49 +3,17 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .adapter import KronAdapter, default_initializer_range
 from .config import AdaKronConfig
+from .kron import KronAdapter, default_initializer_range
 from .layer import AdaKronLayer, TaskHeads, label_projections
+from .state import STATE_ATTR, AdapterState, adakron_layers, adapter_names, set_active_adapter, state_of, task_heads
 from .targets import WRAPPABLE, candidate_names, default_patterns, matches, output_width, reads_pooler
 
-STATE_ATTR = "adakron_state"
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-@dataclass
-class AdapterState:
-    """What adakron keeps on a model: each adapter's resolved config, and how the bare model was."""
-
-    configs: dict[str, AdaKronConfig] = field(default_factory=dict)
-    sites: dict[str, list[str]] = field(default_factory=dict)
-    active: str | None = None
-    original_requires_grad: dict[str, bool] = field(default_factory=dict)
-    base_labels: dict[str, Any] = field(default_factory=dict)
-
-
-def state_of(model: nn.Module) -> AdapterState:
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        raise ValueError("This model has no AdaKron adapters; call adakron.add_adapter(model, config) first.")
-    return state
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    state = getattr(model, STATE_ATTR, None)
-    return list(state.configs) if state else []
-
-
-def adakron_layers(model: nn.Module) -> list[AdaKronLayer]:
-    return [m for m in model.modules() if isinstance(m, AdaKronLayer)]
-
-
-def task_heads(model: nn.Module) -> list[TaskHeads]:
-    return [m for m in model.modules() if isinstance(m, TaskHeads)]
 
 
 def find_sites(model: nn.Module, config: AdaKronConfig, heads: list[str]) -> list[str]:
@@ -165,8 +133,6 @@ def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str
     state.configs[name] = config
     state.sites[name] = sites
     set_trainable(model, name)
-    from .switching import set_active_adapter  # switching builds on this module
-
     set_active_adapter(model, name)
     return model
 
@@ -248,8 +214,6 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     del state.sites[name]
     if state.active == name:
-        from .switching import set_active_adapter
-
         set_active_adapter(model, next(iter(state.configs)))
 
 
@@ -265,8 +229,6 @@ def _unwrap(model: nn.Module, which) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and head copy, putting the original modules back exactly as they were."""
     state = state_of(model)
-    from .switching import set_active_adapter
-
     set_active_adapter(model, None)
     _unwrap(model, lambda module: True)
     for n, p in model.named_parameters():

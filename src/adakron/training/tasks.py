@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Examples, UsageError, readable
+from ..errors import UsageError
+from .data import Examples, readable
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ TASKS: dict[str, GlueTask] = {t.name: t for t in (
 def get_task(name: str) -> GlueTask:
     key = name.lower().replace("-", "").replace("_", "")
     if key not in TASKS:
-        raise UsageError(f"unknown task {name!r}; GLUE tasks: {', '.join(TASKS)} (or pass --train-file for your own data)")
+        raise UsageError(f"unknown task {name!r}; GLUE tasks: {', '.join(TASKS)} (or pass --train-file for your "
+                         "own data)")
     return TASKS[key]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .data import UsageError
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""Fine-tuning on transformers.Trainer: the recipe, the method (AdaKron, plain adapter, LoRA, full),
-per-epoch evaluation with the best epoch kept, and the run's files (adapter, metrics, results, plot)."""
+"""Fine-tuning on transformers.Trainer: the method (AdaKron, plain adapter, LoRA, full), per-epoch evaluation
+with the best epoch kept, and the run's files (adapter, metrics, results, plot)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,111 +18,33 @@ import numpy as np
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
-from . import __version__
-from .config import AdaKronConfig
-from .data import Examples, LabelSpace, UsageError, encode_labels, infer_label_space, read_file, tokenize
-from .glue import get_task, load_glue
-from .inject import trainable_parameters
+from .. import __version__
+from ..adapters.inject import trainable_parameters
+from ..errors import UsageError
+from .data import Examples, LabelSpace, encode_labels, infer_label_space, read_file, tokenize
 from .metrics import MAIN_METRIC, compute, predictions_from_logits
-from .optim import DOWN_LR_RATIO, UP_LR_RATIO
+from .recipes import (
+    METHODS,
+    OWN_DATA_RECIPE,
+    RECIPES,
+    TrainArgs,
+    adakron_config,
+    with_recipe,
+)
+from .rundir import (
+    CHECKPOINTS,
+    FULL_MODEL_DIR,
+    RUN_ARGS,
+    TASK_FILE,
+    check_output_dir,
+    comparable,
+    json_safe,
+    remove_run_outputs,
+    write_jsonl,
+)
+from .tasks import get_task, load_glue
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("adakron", "adapter", "lora", "full")
-TASK_FILE = "task.json"
-FULL_MODEL_DIR = "model"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    lr: float  # for adakron, adapter and lora; full fine-tuning uses FULL_LR
-    epochs: int
-    batch_size: int
-    max_length: int
-
-
-# Per-task defaults, sized for a 2-core CPU (the paper runs 20-80 epochs on a GPU); see README.
-RECIPES = {
-    "cola": Recipe(5e-4, 10, 32, 64),
-    "sst2": Recipe(5e-4, 2, 32, 64),
-    "mrpc": Recipe(5e-4, 10, 32, 128),
-    "qqp": Recipe(5e-4, 1, 32, 128),
-    "stsb": Recipe(5e-4, 10, 32, 128),
-    "mnli": Recipe(5e-4, 1, 32, 128),
-    "qnli": Recipe(5e-4, 1, 32, 128),
-    "rte": Recipe(5e-4, 10, 32, 256),
-    "wnli": Recipe(5e-4, 5, 32, 128),
-}
-OWN_DATA_RECIPE = Recipe(5e-4, 5, 32, 128)
-FULL_LR = 5e-5
-
-
-@dataclass(frozen=True)
-class AdapterRecipe:
-    """How an AdaKron adapter starts and how fast each of its factors learns (relative to ``--lr``)."""
-
-    init: str
-    outer_bias: float
-    down_lr_ratio: float
-    up_lr_ratio: float
-
-
-_CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
-ADAPTER_RECIPES = {
-    # The library's defaults, set from benchmarks/recipe.py: read from where they are defined.
-    "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO),
-    # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
-    "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
-}
-
-
-@dataclass
-class TrainArgs:
-    """Everything a run depends on; saved in results.json."""
-
-    task: str | None = None
-    model: str | None = None
-    data_dir: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str = "label"
-    task_type: str | None = None  # classification | regression; None = inferred from the labels
-    method: str = "adakron"
-    rank: int = 16
-    kron_factor: int = 4
-    # The adapter recipe: None = from --recipe ("default": AdaKronConfig's and optim's defaults; "paper": the
-    # authors' code, i.e. their init and one learning rate for everything).
-    recipe: str = "default"
-    init: str | None = None
-    outer_bias: float | None = None
-    down_lr_ratio: float | None = None
-    up_lr_ratio: float | None = None
-    placement: str = "ffn"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    epochs: float | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    max_length: int | None = None
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.1
-    seed: int = 42
-    output_dir: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_steps: int | None = None  # evaluate (and checkpoint) every N steps instead of every epoch
-    pad_to_max_length: bool = False
-    # Measured (benchmarks/speed.py --epoch-cost): an SST-2 epoch costs 0.34x of random batches.
-    group_by_length: bool = True
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    fp16: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    plot: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 @dataclass
 class Prepared:
@@ -171,118 +93,13 @@ def prepare(args: TrainArgs) -> Prepared:
         recipe = OWN_DATA_RECIPE
     else:
         raise UsageError("nothing to train on: pass --task NAME (a GLUE task) or --train-file/--validation-file")
-    args = _with_recipe(args, recipe)
+    args = with_recipe(args, recipe)
     output_dir = Path(args.output_dir or f"runs/{name}-{args.method}")
     args = TrainArgs(**{**asdict(args), "output_dir": str(output_dir)})
-    _check_output_dir(output_dir, args)
+    check_output_dir(output_dir, args)
     train = train.head(args.max_train_samples)
     devs = {k: v.head(args.max_eval_samples) for k, v in devs.items()}
     return Prepared(args, name, train, devs, labels, text_columns, metric, output_dir)
-
-
-def _with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
-    """Fill what the user left open from the task's recipe, then check every number."""
-    if args.recipe not in ADAPTER_RECIPES:
-        raise UsageError(f"unknown --recipe {args.recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
-    adapter_recipe = ADAPTER_RECIPES[args.recipe]
-    chosen = dict(
-        **{k: getattr(adapter_recipe, k) if getattr(args, k) is None else getattr(args, k)
-           for k in asdict(adapter_recipe)},
-        epochs=recipe.epochs if args.epochs is None else args.epochs,
-        lr=(FULL_LR if args.method == "full" else recipe.lr) if args.lr is None else args.lr,
-        batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
-        max_length=recipe.max_length if args.max_length is None else args.max_length,
-    )
-    numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "max_train_samples",
-                                                "max_eval_samples", "eval_steps")},
-               **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}
-    for key, value in numbers.items():
-        if value is not None and not value > 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.method in ("adakron", "adapter"):
-        adakron_config(TrainArgs(**{**asdict(args), **chosen}))  # a UsageError now, not after tokenizing
-    return TrainArgs(**{**asdict(args), **chosen})
-
-
-def adakron_config(args: TrainArgs, method: str | None = None) -> AdaKronConfig:
-    """The adapter of ``--method adakron`` (or ``adapter``: the one-factor case) from the run's flags."""
-    recipe = ADAPTER_RECIPES.get(args.recipe, ADAPTER_RECIPES["default"])
-    try:
-        return AdaKronConfig(rank=args.rank, kron_factor=1 if (method or args.method) == "adapter" else
-                             args.kron_factor, placement=args.placement,
-                             init=recipe.init if args.init is None else args.init,
-                             outer_bias=recipe.outer_bias if args.outer_bias is None else args.outer_bias)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-RUN_ARGS = "adakron_train_args.json"  # inside checkpoints/: what a resumed run must match
-CHECKPOINTS = "checkpoints"
-# Everything a run writes into --output-dir (peft's save_pretrained adds its README.md model card): --overwrite
-# removes these and nothing else.
-RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", TASK_FILE, "metrics.jsonl", "results.json",
-               "curves.png", CHECKPOINTS, FULL_MODEL_DIR, "README.md")
-
-
-def _foreign_entries(output_dir: Path) -> list[str]:
-    """What ``output_dir`` holds that no run wrote (a README.md counts as a run's only beside its task.json)."""
-    names = sorted(p.name for p in output_dir.iterdir())
-    run_dir = (output_dir / TASK_FILE).is_file() or (output_dir / "results.json").is_file()
-    return [n for n in names if n not in RUN_OUTPUTS or (n == "README.md" and not run_dir)]
-
-
-def _inputs(args: TrainArgs) -> list[Path]:
-    return [Path(p).resolve() for p in (args.train_file, args.validation_file, args.data_dir, args.model)
-            if p and Path(p).exists()]
-
-
-def _check_output_dir(output_dir: Path, args: TrainArgs) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output-dir {output_dir} is a file")
-    if args.resume and args.overwrite:
-        raise UsageError("pass --resume or --overwrite, not both")
-    if args.resume:
-        saved = output_dir / CHECKPOINTS / RUN_ARGS
-        if not saved.is_file():
-            finished = (output_dir / "results.json").is_file()
-            raise UsageError(f"nothing to resume in {output_dir}: " + (
-                "that run has finished (pass --overwrite to train again)" if finished else
-                "no epoch checkpoint was written yet (start again with --overwrite)"))
-        before = json.loads(saved.read_text())
-        now = _comparable(args)
-        changed = sorted(k for k in now if before.get(k) != now[k])
-        if changed:
-            raise UsageError(f"--resume needs the same settings as the run in {output_dir}; these differ: "
-                             f"{', '.join(changed)}")
-    elif output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
-        raise UsageError(f"output dir {output_dir} exists and is not empty; pass --overwrite to replace it "
-                         f"or --resume to continue its run")
-    elif args.overwrite and output_dir.is_dir():
-        inside = [p for p in _inputs(args) if p == output_dir.resolve() or output_dir.resolve() in p.parents]
-        if inside:
-            raise UsageError(f"--output-dir {output_dir} holds this run's input {inside[0]}; write the run elsewhere")
-        foreign = _foreign_entries(output_dir)
-        if foreign:
-            raise UsageError(f"--overwrite replaces only what adakron train writes, but {output_dir} also holds "
-                             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; pick another "
-                             "--output-dir")
-
-
-def _remove_run_outputs(output_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = output_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
-def _comparable(args: TrainArgs) -> dict[str, Any]:
-    return {k: v for k, v in asdict(args).items() if k not in ("resume", "overwrite", "extra", "plot")}
 
 
 def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
@@ -292,7 +109,7 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     started = time.time()
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-    from .backbone import load_tokenizer, resolve_model
+    from ..models import load_tokenizer, resolve_model
 
     try:
         training_args = _training_arguments(args, output_dir / CHECKPOINTS, prepared.main_key)
@@ -304,7 +121,7 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = _build_model(args, prepared.labels)
-    from .backbone import capped_length
+    from ..models import capped_length
 
     # A longer --max-length than the model takes is capped (with a warning): the run records what it used.
     requested = args  # what --resume compares with: the flags as given
@@ -315,9 +132,9 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     with training_args.main_process_first(local=False, desc="preparing the output dir"):
         if training_args.process_index == 0:  # one process (of torchrun's) touches the folder
             if args.overwrite and output_dir.exists():
-                _remove_run_outputs(output_dir)
+                remove_run_outputs(output_dir)
             (output_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-            (output_dir / CHECKPOINTS / RUN_ARGS).write_text(json.dumps(_comparable(requested), sort_keys=True))
+            (output_dir / CHECKPOINTS / RUN_ARGS).write_text(json.dumps(comparable(requested), sort_keys=True))
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -345,14 +162,14 @@ def _optimizer(model, args: TrainArgs):
     the same AdamW with one lr, for LoRA and full fine-tuning)."""
     if args.method not in ("adakron", "adapter"):
         return None
-    from .optim import parameter_groups
+    from ..adapters.optim import parameter_groups
 
     return torch.optim.AdamW(parameter_groups(model, args.lr, args.weight_decay, args.down_lr_ratio,
                                               args.up_lr_ratio))
 
 
 def _build_model(args: TrainArgs, labels: LabelSpace):
-    from .backbone import load_classifier
+    from ..models import load_classifier
 
     names = labels.names or ("score",)
     model = load_classifier(args.model, labels.num_labels, id2label=dict(enumerate(names)),
@@ -368,11 +185,11 @@ def apply_method(model, method: str, args: TrainArgs, train_pooler: bool = True)
 
     ``train_pooler=False`` leaves the base model's pooler frozen, as peft's LoRA does by default; only
     benchmarks/pooler_probe.py asks for it, to show what that costs."""
-    from .inject import pooler_path
+    from ..adapters.inject import pooler_path
 
     pooler = pooler_path(model)
     if method in ("adakron", "adapter"):
-        from .inject import add_adapter, head_names
+        from ..adapters.inject import add_adapter, head_names
 
         config = adakron_config(args, method)
         if pooler and not train_pooler:
@@ -481,7 +298,7 @@ class EpochReport(TrainerCallback):
             state.log_history[-1]["seconds"] = round(time.time() - self.since, 3)
             self.since = time.time()
             records = epoch_records(state.log_history)
-            _write_jsonl(self.output_dir / "metrics.jsonl", records)
+            write_jsonl(self.output_dir / "metrics.jsonl", records)
             self._print(records[-1], state)
 
     def _is_last_split(self, entry: dict) -> bool:
@@ -499,23 +316,6 @@ class EpochReport(TrainerCallback):
 def _orderable(value: float | None) -> float:
     # A correlation is undefined (NaN) when every prediction is the same: such an epoch never wins.
     return float("-inf") if value is None or math.isnan(value) else value
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN becomes null, so the files stay standard JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
 
 
 def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[str, Any]:
@@ -547,8 +347,8 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
         "hyperparameters": {k: v for k, v in asdict(args).items() if k not in ("resume", "overwrite", "extra")},
         "versions": _versions(),
     }
-    (output_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, sort_keys=True))
-    _write_jsonl(output_dir / "metrics.jsonl", records)
+    (output_dir / "results.json").write_text(json.dumps(json_safe(results), indent=2, sort_keys=True))
+    write_jsonl(output_dir / "metrics.jsonl", records)
     if args.plot:
         from .plots import plot_curves
 
@@ -558,7 +358,7 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
 
 def save_trained(model, method: str, output_dir: Path, tokenizer) -> None:
     if method in ("adakron", "adapter"):
-        from .checkpoint import save_adapter
+        from ..adapters.checkpoint import save_adapter
 
         save_adapter(model, output_dir)
     elif method == "lora":

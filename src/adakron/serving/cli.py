@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import AdapterLoadError
-from ..data import UsageError
+from ..adapters.checkpoint import AdapterLoadError
+from ..errors import Parser, UsageError
 from .app import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_MS, create_app
 from .engine import ADAPTER_NAME, DEFAULT_MAX_BATCH
 from .schemas import ServeError
@@ -40,8 +40,6 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import Parser  # one-line errors, as every adakron command
-
     p = Parser(prog="adakron serve", description="Serve AdaKron adapters over HTTP (FastAPI).")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="Serve the adapter saved in DIR as NAME (repeat for more).")
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from transformers import AutoModelForSequenceClassification
 
-    from ..backbone import check_device, load_tokenizer, resolve_model
+    from ..models import check_device, load_tokenizer, resolve_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import capped_length, token_limit
-from ..checkpoint import adapter_state_dict, load_adapter, read_adapter
-from ..inject import adapter_names, adapter_parameters, remove_adapter, state_of, task_heads
-from ..switching import predict
+from ..adapters.checkpoint import adapter_state_dict, load_adapter, read_adapter
+from ..adapters.inject import adapter_names, adapter_parameters, remove_adapter, state_of, task_heads
+from ..adapters.switching import predict
+from ..models import capped_length, token_limit
 from .schemas import AdapterInfo, ServeError, Stats
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class Engine:
         theirs = served.base_model or ""
         if not ours or not theirs:
             return
-        from ..backbone import resolve_model
+        from ..models import resolve_model
 
         def same(a: str, b: str) -> bool:
             a, b = resolve_model(a), resolve_model(b)

@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
-from ..data import is_valid_text
+from ..adapters.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
+from ..training.data import is_valid_text
 from .batcher import MicroBatcher
 from .engine import DEFAULT_MAX_BATCH, TASK_NAME, Engine, ServedAdapter
 from .schemas import (

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class UsageError(Exception):
-    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+from ..errors import UsageError
 
 
 @dataclass

@@ -1,0 +1,16 @@
+"""Bad user input, as every adakron command reports it: one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

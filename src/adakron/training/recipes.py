@@ -1,0 +1,142 @@
+"""What a training run is: its arguments, the per-task recipes and the adapter recipes, one source for every
+default that `adakron train` and the Python API share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..adapters.config import AdaKronConfig
+from ..adapters.optim import DOWN_LR_RATIO, UP_LR_RATIO
+from ..errors import UsageError
+
+METHODS = ("adakron", "adapter", "lora", "full")
+@dataclass(frozen=True)
+class Recipe:
+    lr: float  # for adakron, adapter and lora; full fine-tuning uses FULL_LR
+    epochs: int
+    batch_size: int
+    max_length: int
+
+
+# Per-task defaults, sized for a 2-core CPU (the paper runs 20-80 epochs on a GPU); see README.
+RECIPES = {
+    "cola": Recipe(5e-4, 10, 32, 64),
+    "sst2": Recipe(5e-4, 2, 32, 64),
+    "mrpc": Recipe(5e-4, 10, 32, 128),
+    "qqp": Recipe(5e-4, 1, 32, 128),
+    "stsb": Recipe(5e-4, 10, 32, 128),
+    "mnli": Recipe(5e-4, 1, 32, 128),
+    "qnli": Recipe(5e-4, 1, 32, 128),
+    "rte": Recipe(5e-4, 10, 32, 256),
+    "wnli": Recipe(5e-4, 5, 32, 128),
+}
+OWN_DATA_RECIPE = Recipe(5e-4, 5, 32, 128)
+FULL_LR = 5e-5
+
+
+@dataclass(frozen=True)
+class AdapterRecipe:
+    """How an AdaKron adapter starts and how fast each of its factors learns (relative to ``--lr``)."""
+
+    init: str
+    outer_bias: float
+    down_lr_ratio: float
+    up_lr_ratio: float
+
+
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
+ADAPTER_RECIPES = {
+    # The library's defaults, set from benchmarks/recipe.py: read from where they are defined.
+    "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO),
+    # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
+    "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
+}
+
+
+@dataclass
+class TrainArgs:
+    """Everything a run depends on; saved in results.json."""
+
+    task: str | None = None
+    model: str | None = None
+    data_dir: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    task_type: str | None = None  # classification | regression; None = inferred from the labels
+    method: str = "adakron"
+    rank: int = _CONFIG_DEFAULTS["rank"]
+    kron_factor: int = _CONFIG_DEFAULTS["kron_factor"]
+    # The adapter recipe: None = from --recipe ("default": AdaKronConfig's and optim's defaults; "paper": the
+    # authors' code, i.e. their init and one learning rate for everything).
+    recipe: str = "default"
+    init: str | None = None
+    outer_bias: float | None = None
+    down_lr_ratio: float | None = None
+    up_lr_ratio: float | None = None
+    placement: str = _CONFIG_DEFAULTS["placement"]
+    lora_r: int = 8
+    lora_alpha: int = 16
+    epochs: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.1
+    seed: int = 42
+    output_dir: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_steps: int | None = None  # evaluate (and checkpoint) every N steps instead of every epoch
+    pad_to_max_length: bool = False
+    # Measured (benchmarks/speed.py --epoch-cost): an SST-2 epoch costs 0.34x of random batches.
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    plot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
+    """Fill what the user left open from the task's recipe, then check every number."""
+    if args.recipe not in ADAPTER_RECIPES:
+        raise UsageError(f"unknown --recipe {args.recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
+    adapter_recipe = ADAPTER_RECIPES[args.recipe]
+    chosen = dict(
+        **{k: getattr(adapter_recipe, k) if getattr(args, k) is None else getattr(args, k)
+           for k in asdict(adapter_recipe)},
+        epochs=recipe.epochs if args.epochs is None else args.epochs,
+        lr=(FULL_LR if args.method == "full" else recipe.lr) if args.lr is None else args.lr,
+        batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
+        max_length=recipe.max_length if args.max_length is None else args.max_length,
+    )
+    numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "max_train_samples",
+                                                "max_eval_samples", "eval_steps")},
+               **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}
+    for key, value in numbers.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.method in ("adakron", "adapter"):
+        adakron_config(TrainArgs(**{**asdict(args), **chosen}))  # a UsageError now, not after tokenizing
+    return TrainArgs(**{**asdict(args), **chosen})
+
+
+def adakron_config(args: TrainArgs, method: str | None = None) -> AdaKronConfig:
+    """The adapter of ``--method adakron`` (or ``adapter``: the one-factor case) from the run's flags."""
+    recipe = ADAPTER_RECIPES.get(args.recipe, ADAPTER_RECIPES["default"])
+    try:
+        return AdaKronConfig(rank=args.rank, kron_factor=1 if (method or args.method) == "adapter" else
+                             args.kron_factor, placement=args.placement,
+                             init=recipe.init if args.init is None else args.init,
+                             outer_bias=recipe.outer_bias if args.outer_bias is None else args.outer_bias)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
