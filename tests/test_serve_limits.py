@@ -138,3 +138,21 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_one_line_and_exit_2(work, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert "--device cuda" in _bad_start(work, capsys, "--adapter", f"rte={work['dirs']['rte']}", "--device", "cuda")
+
+
+def test_an_unmerged_madakron_adapter_is_served_merged(work, tmp_path):  # noqa: F811
+    import adakron
+    from adakron import AdaKronConfig
+    from conftest import tiny_model
+
+    model = tiny_model(seed=0)
+    adakron.add_adapter(model, AdaKronConfig(num_labels=3, num_experts=4, initializer_range=0.3), name="moe")
+    adakron.save_adapter(model, tmp_path / "moe", name="moe")
+    (tmp_path / "moe" / "task.json").write_text(json.dumps({"task": "moe", "text_columns": ["sentence"],
+                                                           "max_length": 24, "base_model": ""}))
+    app = _app(work)
+    served = app.state.engine.load("moe", tmp_path / "moe")
+    plain = tiny_model(seed=0)
+    adakron.add_adapter(plain, AdaKronConfig(num_labels=3), name="moe")
+    assert served.parameters == adakron.adapter_parameters(plain, "moe")
+    assert app.state.engine.model.adakron_state.configs["moe"].num_experts == 1

@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from .adapters.checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter
 from .adapters.config import AdaKronConfig
+from .adapters.experts import merge_experts
+from .adapters.optim import parameter_groups
 from .adapters.inject import (
     adapter_names,
     adapter_parameters,
@@ -25,6 +27,8 @@ __all__ = [
     "add_adapter",
     "disable_adapters",
     "load_adapter",
+    "merge_experts",
+    "parameter_groups",
     "predict",
     "read_adapter",
     "remove_adapter",

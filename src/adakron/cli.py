@@ -9,7 +9,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from .adapters.checkpoint import AdapterLoadError
-from .adapters.config import INITS, PLACEMENTS
+from .adapters.config import EXPERT_SITES, INITS, PLACEMENTS
 from .errors import Parser, UsageError
 from .training.recipes import ADAPTER_RECIPES, METHODS, TrainArgs
 
@@ -53,6 +53,15 @@ def build_parser() -> Parser:
     method.add_argument("--down-lr-ratio", type=float,
                         help="the down-projections (u, v) train at --lr times this (paper: 1)")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this (paper: 1)")
+    method.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"],
+                        help="MAdaKron: experts per down-projection, one drawn per step, merged for evaluation and "
+                             "in the saved adapter (its experts are kept in <output-dir>/experts); 1 = AdaKron")
+    method.add_argument("--experts", default=DEFAULTS["experts"], choices=list(EXPERT_SITES),
+                        help="which down-projections hold experts: 'outer' (the f-wide factor; Partial MAdaKron) "
+                             "or 'both' (Full)")
+    method.add_argument("--consistency-weight", type=float, default=DEFAULTS["consistency_weight"],
+                        help="MAdaKron: weight of AdaMix's consistency loss between two forward passes (doubles "
+                             "the forward cost of a step); 0 = off")
     method.add_argument("--placement", default=DEFAULTS["placement"], choices=list(PLACEMENTS))
     method.add_argument("--lora-r", type=int, default=DEFAULTS["lora_r"])
     method.add_argument("--lora-alpha", type=int, default=DEFAULTS["lora_alpha"])

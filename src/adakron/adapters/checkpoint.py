@@ -16,6 +16,8 @@ from torch import nn
 
 from .. import __version__
 from .config import FORMAT_VERSION, METADATA_KEYS, AdaKronConfig
+from .experts import merge_experts as merge
+from .experts import merged_config
 from .inject import add_adapter, remove_adapter
 from .layer import AdaKronLayer, TaskHeads
 from .state import STATE_ATTR, adapter_names, set_active_adapter, state_of
@@ -28,23 +30,29 @@ class AdapterLoadError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the model is left unchanged."""
 
 
-def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s weights and its head's, keyed by module path without the adapter name."""
+def adapter_state_dict(model: nn.Module, name: str, merged: bool = False) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s weights and its head's, keyed by module path without the adapter name; ``merged``:
+    as the adapter would be after merge_experts (MAdaKron), without changing it."""
     tensors = {}
     for path, module in model.named_modules():
         if isinstance(module, AdaKronLayer) and name in module.adakron_adapters:
             owned = module.adakron_adapters[name]
+            state = owned.merged_state_dict() if merged else owned.state_dict()
         elif isinstance(module, TaskHeads) and name in module.heads:
-            owned = module.heads[name]
+            state = module.heads[name].state_dict()
         else:
             continue
-        for key, tensor in owned.state_dict().items():
+        for key, tensor in state.items():
             tensors[f"{path}.{key}"] = tensor
     return tensors
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
+                 merge_experts: bool = False) -> Path:
     """Write adapter ``name`` (default: the active one) and its head to ``directory``.
+
+    A MAdaKron adapter is written with its experts (to go on training), or with ``merge_experts=True`` as the
+    plain AdaKron adapter they average to (to serve); the model itself is not changed.
 
     Each file is written to a temporary name and renamed, so a crash never leaves a half-written
     file under the final name; the config records the weights' sha256, so a mismatched pair is caught.
@@ -55,7 +63,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         raise ValueError(f"No adapter named {name!r} to save; adapters: {adapter_names(model)}.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
+    config = merged_config(state.configs[name]) if merge_experts else state.configs[name]
+    tensors = {k: v.detach().to("cpu").contiguous().clone()
+               for k, v in adapter_state_dict(model, name, merged=merge_experts).items()}
     payload = dump_safetensors(tensors, metadata={"format": "pt", "adakron_format_version": str(FORMAT_VERSION)})
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -66,7 +76,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         "adapter_name": name,
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
     }
-    config_text = json.dumps({**state.configs[name].to_dict(), **metadata}, indent=2, sort_keys=True)
+    config_text = json.dumps({**config.to_dict(), **metadata}, indent=2, sort_keys=True)
     _atomic_write(directory / WEIGHTS_NAME, payload)
     _atomic_write(directory / CONFIG_NAME, config_text.encode())
     return directory
@@ -125,10 +135,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdaKronConfig, dict, dic
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-                 is_trainable: bool = False) -> str:
+                 is_trainable: bool = False, merge_experts: bool = False) -> str:
     """Add the adapter saved in ``directory`` to ``model`` under ``name`` (default: the name it was saved
     under); returns the name. Every key and shape must match, else AdapterLoadError is raised and the
-    model is left as it was."""
+    model is left as it was. A MAdaKron adapter saved with its experts loads with them, or merged into a
+    plain AdaKron adapter with ``merge_experts=True`` (what serving wants)."""
     config, metadata, tensors = read_adapter(directory)
     model_type = getattr(model.config, "model_type", None)
     if metadata.get("model_type") and model_type and metadata["model_type"] != model_type:
@@ -154,6 +165,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
+    if merge_experts:
+        merge(model, name)
     if not is_trainable:
         # A loaded adapter is for inference: it stays frozen, the backbone too (as add_adapter left it),
         # and adapters that trained before still do.

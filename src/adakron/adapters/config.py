@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PLACEMENTS = ("ffn", "houlsby")
 INITS = ("reference", "identity")
+EXPERT_SITES = ("outer", "both")
 PROBLEM_TYPES = ("single_label_classification", "regression")
 
 
@@ -58,6 +59,16 @@ class AdaKronConfig:
                   "non-zero value opens a path linear in h at step 0 (u ~ a1, so k ~ a1·v), instead of a "
                   "product of two small factors that starts on a plateau. Ignored by the plain adapter."},
     )
+    num_experts: int = field(
+        default=1,
+        metadata={"help": "MAdaKron: copies of the down-projection(s), one drawn at random per training step and "
+                  "averaged for inference (merge_experts); 1 = AdaKron. The authors use 4."},
+    )
+    experts: str = field(
+        default="outer",
+        metadata={"help": "With num_experts > 1: 'outer' puts experts on the f-wide factor only (Partial "
+                  "MAdaKron), 'both' on both down-projections (Full). The up-projection is always shared."},
+    )
     initializer_range: float | None = field(
         default=None, metadata={"help": "Std of the 'reference' init; None = the model config's initializer_range."}
     )
@@ -99,6 +110,14 @@ class AdaKronConfig:
         if isinstance(self.outer_bias, bool) or not isinstance(self.outer_bias, (int, float)) \
                 or not math.isfinite(self.outer_bias):
             raise ValueError(f"`outer_bias` ({self.outer_bias!r}) must be a finite number, e.g. 0.0 or 1.0.")
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
+            raise ValueError(f"`num_experts` ({self.num_experts!r}) must be a positive integer (1 = AdaKron, 4 = the "
+                             "authors' MAdaKron).")
+        if self.experts not in EXPERT_SITES:
+            raise ValueError(f"`experts` ({self.experts!r}) must be one of {EXPERT_SITES}.")
+        if self.num_experts > 1 and self.is_plain_adapter and self.experts == "outer":
+            raise ValueError("the plain adapter (kron_factor=1) has no outer factor to give experts; use "
+                             "experts='both' (experts on its down-projection).")
         if self.initializer_range is not None and not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` ({self.initializer_range!r}) must be > 0, e.g. 0.02.")
         if self.num_labels is not None and (not isinstance(self.num_labels, int) or self.num_labels <= 0):
@@ -125,8 +144,12 @@ class AdaKronConfig:
         return self.rank if self.is_plain_adapter else self.kron_factor + self.inner_width
 
     def adapter_parameters(self, width: int) -> int:
-        """Parameters of one adapter on a sub-layer of output width ``width`` (closed form)."""
-        return width * self.down_width + self.down_width + self.rank * width + width
+        """Parameters of one adapter on a sub-layer of output width ``width`` (closed form), experts included."""
+        outer = 0 if self.is_plain_adapter else self.kron_factor
+        inner = self.down_width - outer
+        outer_copies = self.num_experts
+        inner_copies = self.num_experts if self.experts == "both" else 1
+        return (outer_copies * outer + inner_copies * inner) * (width + 1) + self.rank * width + width
 
     def replace(self, **changes: Any) -> AdaKronConfig:
         return dataclasses.replace(self, **changes)

@@ -39,9 +39,11 @@ class FactorRates:
 
 
 def _kind(name: str) -> str:
-    if f".{DOWN}." in f".{name}":
+    # adakron_down, or MAdaKron's adakron_down_outer / adakron_down_inner (its experts).
+    parts = name.split(".")
+    if any(p == DOWN or p.startswith(DOWN + "_") for p in parts):
         return DOWN
-    if f".{UP}." in f".{name}":
+    if UP in parts:
         return UP
     return HEAD
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..adapters.checkpoint import adapter_state_dict, load_adapter, read_adapter
+from ..adapters.experts import merge_experts
 from ..adapters.inject import adapter_names, adapter_parameters, remove_adapter, state_of, task_heads
 from ..adapters.switching import predict
 from ..models import capped_length, token_limit
@@ -140,6 +141,7 @@ class Engine:
             if loaded.keys() != tensors.keys() or any(not torch.equal(loaded[k].cpu(), tensors[k]) for k in loaded):
                 remove_adapter(self.model, name)
                 raise ServeError(409, "adapter_changed", f"{directory} changed while it was being loaded; retry.")
+            merge_experts(self.model, name)  # a MAdaKron adapter is served merged: AdaKron's cost
             config = state_of(self.model).configs[name]
             max_length = capped_length(task.get("max_length", DEFAULT_MAX_LENGTH), self.model, self.tokenizer)
             served = ServedAdapter(

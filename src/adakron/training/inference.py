@@ -59,7 +59,7 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
             config, metadata, _ = read_adapter(run_dir)
             base = base or metadata.get("base_model_name_or_path") or None
             model = load_classifier(base, config.num_labels)
-            load_adapter(model, run_dir)
+            load_adapter(model, run_dir, merge_experts=True)  # MAdaKron serves merged, as it evaluates
         except AdapterLoadError as e:
             raise UsageError(str(e)) from None
         tokenizer = load_tokenizer(base)

@@ -3,6 +3,7 @@ default that `adakron train` and the Python API share."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -77,6 +78,10 @@ class TrainArgs:
     down_lr_ratio: float | None = None
     up_lr_ratio: float | None = None
     placement: str = _CONFIG_DEFAULTS["placement"]
+    # MAdaKron: experts on the down-projection(s), merged for evaluation and for the saved adapter.
+    num_experts: int = _CONFIG_DEFAULTS["num_experts"]
+    experts: str = _CONFIG_DEFAULTS["experts"]
+    consistency_weight: float = 0.0  # AdaMix's consistency loss between two forward passes (0 = off)
     lora_r: int = 8
     lora_alpha: int = 16
     epochs: float | None = None
@@ -121,6 +126,10 @@ def with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
     for key, value in numbers.items():
         if value is not None and not value > 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if not (args.consistency_weight >= 0 and math.isfinite(args.consistency_weight)):
+        raise UsageError(f"--consistency-weight must be a finite number >= 0, got {args.consistency_weight}")
+    if args.consistency_weight and args.method not in ("adakron", "adapter"):
+        raise UsageError("--consistency-weight is for MAdaKron (adakron or adapter with --num-experts)")
     if not 0 <= args.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.weight_decay < 0:
@@ -137,6 +146,7 @@ def adakron_config(args: TrainArgs, method: str | None = None) -> AdaKronConfig:
         return AdaKronConfig(rank=args.rank, kron_factor=1 if (method or args.method) == "adapter" else
                              args.kron_factor, placement=args.placement,
                              init=recipe.init if args.init is None else args.init,
+                             num_experts=args.num_experts, experts=args.experts,
                              outer_bias=recipe.outer_bias if args.outer_bias is None else args.outer_bias)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -22,8 +22,9 @@ RUN_ARGS = "adakron_train_args.json"  # inside checkpoints/: what a resumed run 
 CHECKPOINTS = "checkpoints"
 # Everything a run writes into --output-dir (peft's save_pretrained adds its README.md model card): --overwrite
 # removes these and nothing else.
+EXPERTS_DIR = "experts"  # a MAdaKron run's unmerged adapter, to go on training from
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", TASK_FILE, "metrics.jsonl", "results.json",
-               "curves.png", CHECKPOINTS, FULL_MODEL_DIR, "README.md")
+               "curves.png", CHECKPOINTS, FULL_MODEL_DIR, EXPERTS_DIR, "README.md")
 
 
 def _foreign_entries(output_dir: Path) -> list[str]:

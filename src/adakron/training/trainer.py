@@ -21,27 +21,12 @@ from transformers import ProgressCallback, TrainerCallback
 from .. import __version__
 from ..adapters.inject import trainable_parameters
 from ..errors import UsageError
+from .consistency import ConsistencyTrainer
 from .data import Examples, LabelSpace, encode_labels, infer_label_space, read_file, tokenize
 from .metrics import MAIN_METRIC, compute, predictions_from_logits
-from .recipes import (
-    METHODS,
-    OWN_DATA_RECIPE,
-    RECIPES,
-    TrainArgs,
-    adakron_config,
-    with_recipe,
-)
-from .rundir import (
-    CHECKPOINTS,
-    FULL_MODEL_DIR,
-    RUN_ARGS,
-    TASK_FILE,
-    check_output_dir,
-    comparable,
-    json_safe,
-    remove_run_outputs,
-    write_jsonl,
-)
+from .recipes import METHODS, OWN_DATA_RECIPE, RECIPES, TrainArgs, adakron_config, with_recipe
+from .rundir import (CHECKPOINTS, EXPERTS_DIR, FULL_MODEL_DIR, RUN_ARGS, TASK_FILE, check_output_dir, comparable,
+                     json_safe, remove_run_outputs, write_jsonl)
 from .tasks import get_task, load_glue
 
 logger = logging.getLogger(__name__)
@@ -135,7 +120,8 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
                 remove_run_outputs(output_dir)
             (output_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             (output_dir / CHECKPOINTS / RUN_ARGS).write_text(json.dumps(comparable(requested), sort_keys=True))
-    trainer = Trainer(
+    trainer_class = ConsistencyTrainer if args.consistency_weight else Trainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_data,
@@ -146,6 +132,8 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         callbacks=[EpochReport(output_dir, prepared), *(callbacks or [])],
         optimizers=(_optimizer(model, args), None),
     )
+    if args.consistency_weight:
+        trainer.consistency_weight = args.consistency_weight
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarOnlyProgress())
     resume = args.resume and any((output_dir / CHECKPOINTS).glob("checkpoint-*"))
@@ -359,8 +347,13 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
 def save_trained(model, method: str, output_dir: Path, tokenizer) -> None:
     if method in ("adakron", "adapter"):
         from ..adapters.checkpoint import save_adapter
+        from ..adapters.state import state_of
 
-        save_adapter(model, output_dir)
+        # The run's adapter is the one to serve: MAdaKron's experts merged (as evaluation used them), and kept
+        # apart, unmerged, for whoever wants to go on training them.
+        save_adapter(model, output_dir, merge_experts=True)
+        if state_of(model).configs[state_of(model).active].num_experts > 1:
+            save_adapter(model, output_dir / EXPERTS_DIR)
     elif method == "lora":
         model.save_pretrained(output_dir)
     else:
