@@ -135,6 +135,9 @@ def section() -> list[str]:
              "| recipe | what it changes |", "|---|---|"]
     lines += [f"| `{k}` | {DESCRIPTIONS[k]} |" for k in CANDIDATES]
     lines.append("")
+    from recipe_prescreen import section as prescreen
+
+    lines += prescreen()
     runs = {(t, k, lr): result(t, CANDIDATES[k], 42, lr) for t in TASKS for k in CANDIDATES for lr in LRS}
     finished = sum(r is not None for r in runs.values())
     lines += [f"{finished} of {len(runs)} screen cells have a result.", ""]

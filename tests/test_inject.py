@@ -233,3 +233,21 @@ def test_a_pooler_the_head_never_reads_stays_frozen():
     adakron.add_adapter(model, AdaKronConfig(target_modules=r"bert\.encoder\.layer\.\d\.output\.dense"))
     assert adakron.adapters.inject.head_names(model, AdaKronConfig()) == ["classifier"]
     assert not any(p.requires_grad for p in model.bert.pooler.parameters())
+
+
+def test_the_pooler_is_never_taken_for_the_label_projection_even_when_their_widths_match():
+    # hidden 32 and a base model built with num_labels=32: the pooler's dense is also 32 wide.
+    model = tiny_model("bert", num_labels=32)
+    adakron.add_adapter(model, AdaKronConfig(num_labels=2))
+    logits = model(**tiny_batch()).logits
+    assert logits.shape == (3, 2)
+    heads = {n: m for n, m in model.named_modules()}
+    assert heads["bert.pooler.heads.default.dense"].out_features == 32
+    assert heads["classifier.heads.default"].out_features == 2
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "deberta-v2", "bart", "electra"])
+def test_the_label_projection_is_the_last_linear_of_the_head(family):
+    model = tiny_model(family, num_labels=2)
+    adakron.add_adapter(model, AdaKronConfig(num_labels=5))
+    assert model(**tiny_batch(family)).logits.shape[-1] == 5

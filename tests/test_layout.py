@@ -77,3 +77,19 @@ def test_every_default_of_the_adapter_is_written_once():
                                                                       config["placement"])
     train = build_parser().parse_args(["train", "--task", "rte"])
     assert (train.rank, train.kron_factor) == (config["rank"], config["kron_factor"])
+
+
+def test_the_promises_page_names_only_tests_that_exist():
+    import re
+
+    tests = Path(__file__).parent
+    page = (tests.parent / "docs" / "promises.md").read_text()
+    named = 0
+    for line in page.splitlines():
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)`", line):
+            current = file or current
+            assert current, line
+            assert f"def {name}(" in (tests / current).read_text(), f"{current}::{name} is not a test"
+            named += 1
+    assert named >= 40

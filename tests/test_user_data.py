@@ -245,3 +245,50 @@ def test_max_length_beyond_the_models_positions_is_capped_not_a_crash(run_dir, t
     assert json.loads((out / "results.json").read_text())["hyperparameters"]["max_length"] == 64
     source = write_rows(tmp_path / "in.csv", ["text"], [[long_text]])
     assert main(["predict", "--adapter", str(out), "--input", source, "--output", str(tmp_path / "o.csv")]) == 0
+
+
+@pytest.mark.parametrize("edit,match", [({"target_modules": 5}, "target_modules"),
+                                        ({"head_modules": [1]}, "head_modules"),
+                                        ({"initializer_range": "big"}, "initializer_range")])
+def test_a_hand_edited_adapter_config_with_wrong_types_is_one_line(run_dir, tmp_path, capsys, edit, match):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    _fails(capsys, ["predict", "--adapter", str(bad), "--input", str(_tsv(tmp_path / "in.tsv", ["x"])),
+                    "--output", str(tmp_path / "o.tsv")], match)
+
+
+@pytest.mark.parametrize("edit,match", [({"base_model": 5}, "base_model"), ({"text_columns": 5}, "text_columns"),
+                                        ({"max_length": 2}, "max_length"), ({"label_names": "ab"}, "label_names")])
+def test_a_hand_edited_task_file_with_wrong_types_is_one_line(run_dir, tmp_path, capsys, edit, match):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    task = json.loads((bad / "task.json").read_text())
+    (bad / "task.json").write_text(json.dumps({**task, **edit}))
+    _fails(capsys, ["predict", "--adapter", str(bad), "--input", str(_tsv(tmp_path / "in.tsv", ["x"])),
+                    "--output", str(tmp_path / "o.tsv")], match)
+
+
+def test_task_json_names_a_local_base_model_by_absolute_path(tiny_model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(16, seed=2))
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    out = tmp_path / "run"
+    assert main(["train", "--model", Path(tiny_model_dir).name, "--train-file", train, "--validation-file", train,
+                 "--text-columns", "text", "--output-dir", str(out), "--epochs", "1", "--no-plot"]) == 0
+    assert json.loads((out / "task.json").read_text())["base_model"] == str(Path(tiny_model_dir).resolve())
+    monkeypatch.chdir(tmp_path)  # used from elsewhere, the run still finds its base model
+    assert main(["predict", "--adapter", str(out), "--input", train, "--output", "o.csv"]) == 0
+
+
+def test_a_max_length_too_short_for_a_pair_is_refused(tiny_model_dir, tmp_path, capsys):
+    train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(16, seed=2))
+    _fails(capsys, ["train", "--model", tiny_model_dir, "--train-file", train, "--validation-file", train,
+                    "--text-columns", "text", "--output-dir", str(tmp_path / "run"), "--max-length", "2"],
+           "--max-length must be at least 8")

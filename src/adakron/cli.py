@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -11,10 +12,12 @@ from dataclasses import MISSING, fields
 from .adapters.checkpoint import AdapterLoadError
 from .adapters.config import EXPERT_SITES, INITS, PLACEMENTS
 from .errors import Parser, UsageError
+from .training.generate import Sampling
 from .training.recipes import ADAPTER_RECIPES, METHODS, TrainArgs
 
 # One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
 DEFAULTS = {f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}
+SAMPLING_DEFAULTS = {f.name: f.default for f in fields(Sampling)}
 
 
 def _columns(value: str) -> list[str]:
@@ -30,7 +33,9 @@ def build_parser() -> Parser:
     data.add_argument("--task", help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
     data.add_argument("--data-dir", help="folder in GLUE layout <dir>/<TASK>/{train,dev}.tsv (default: $GLUE_DIR, "
                                          "else the hub)")
-    data.add_argument("--train-file", help="your own training data (.csv, .tsv or .jsonl)")
+    data.add_argument("--train-file", help="your own training data (.csv, .tsv or .jsonl); for a causal LM (e.g. "
+                                          "--model smollm2) JSON/JSONL instruction data: prompt/completion, chat "
+                                          "messages, Alpaca instruction/input/output or text")
     data.add_argument("--validation-file", help="your own labelled dev data, same format")
     data.add_argument("--text-columns", type=_columns, help="one or two text columns, comma-separated")
     data.add_argument("--label-column", default=DEFAULTS["label_column"])
@@ -39,7 +44,8 @@ def build_parser() -> Parser:
     data.add_argument("--max-train-samples", type=int)
     data.add_argument("--max-eval-samples", type=int)
     method = train.add_argument_group("method")
-    method.add_argument("--model", help="local path or hub id (default: the embedded all-MiniLM-L6-v2)")
+    method.add_argument("--model", help="minilm (the embedded all-MiniLM-L6-v2, the default), smollm2 (the "
+                                        "embedded SmolLM2-135M-Instruct decoder), a local folder or a hub id")
     method.add_argument("--method", default=DEFAULTS["method"], choices=METHODS)
     method.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="adapter size r (adakron, adapter)")
     method.add_argument("--kron-factor", type=int, default=DEFAULTS["kron_factor"],
@@ -74,6 +80,7 @@ def build_parser() -> Parser:
     recipe.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
     recipe.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     recipe.add_argument("--eval-steps", type=int, help="evaluate every N steps instead of every epoch")
+    recipe.add_argument("--max-steps", type=int, help="stop after N optimizer steps (the schedule spans N steps)")
     recipe.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length")
     recipe.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                         help="batch examples of similar length (default; about 3x cheaper epochs than random "
@@ -111,6 +118,16 @@ def build_parser() -> Parser:
     pr.add_argument("--score-column", default="score",
                     help="name of the added column with the predicted class's probability (classification)")
     pr.add_argument("--batch-size", type=int, default=64)
+
+    gen = sub.add_parser("generate", help="generate text with a causal LM, with or without a trained adapter")
+    gen.add_argument("prompt", help="the prompt (the chat template is applied for chat models)")
+    gen.add_argument("--adapter", help="a run's output dir (its base model is used unless --model is given)")
+    gen.add_argument("--model", help="smollm2 (the embedded SmolLM2-135M-Instruct, the default), a folder or hub id")
+    gen.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS["max_new_tokens"])
+    gen.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"],
+                     help="0 = greedy (the default: the same text every time)")
+    gen.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    gen.add_argument("--seed", type=int, default=SAMPLING_DEFAULTS["seed"])
 
     params = sub.add_parser("params", help="trainable/total parameters of each method on a model")
     params.add_argument("--model")
@@ -162,6 +179,17 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from .training.generate import Sampling, load_for_generation, stream
+
+    sampling = Sampling(ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed)  # bad flags fail before loading
+    model, tokenizer, name = load_for_generation(ns.adapter, ns.model)
+    for piece in stream(model, tokenizer, ns.prompt, name, **vars(sampling)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def cmd_params(ns: argparse.Namespace) -> int:
     from .adapters.inject import trainable_parameters
     from .models import load_classifier
@@ -201,7 +229,8 @@ def cmd_targets(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "params": cmd_params,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate,
+            "params": cmd_params,
             "targets": cmd_targets}
 
 
@@ -228,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, AdapterLoadError) as e:
         print(f"adakron {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the input: a full disk, a folder without write permission
+        where = f": {e.filename}" if e.filename else ""
+        print(f"adakron {ns.command}: error: {e.strerror or e}{where}" + (
+            "; free some space, then run again with --resume" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            and ns.command == "train" else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

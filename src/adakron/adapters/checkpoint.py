@@ -18,8 +18,10 @@ from .. import __version__
 from .config import FORMAT_VERSION, METADATA_KEYS, AdaKronConfig
 from .experts import merge_experts as merge
 from .experts import merged_config
-from .inject import add_adapter, remove_adapter
+from .inject import add_adapter, find_sites, head_names, remove_adapter
+from .kron import KronAdapter
 from .layer import AdaKronLayer, TaskHeads
+from .targets import output_width
 from .state import STATE_ATTR, adapter_names, set_active_adapter, state_of
 
 CONFIG_NAME = "adapter_config.json"
@@ -148,6 +150,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     name = name or metadata.get("adapter_name") or "default"
     if name in adapter_names(model):
         raise AdapterLoadError(f"The model already has an adapter named {name!r}; pass another name=.")
+    _check_sizes(model, config, tensors, directory)
     had_adapters = getattr(model, STATE_ATTR, None) is not None
     previous = state_of(model).active if had_adapters else None
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
@@ -172,6 +175,29 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         # and adapters that trained before still do.
         _restore_requires_grad(model, requires_grad if had_adapters else {})
     return name
+
+
+def _check_sizes(model: nn.Module, config: AdaKronConfig, tensors: dict[str, torch.Tensor], directory) -> None:
+    """Compare the adapter the config describes with the tensors in the file before anything is allocated: a
+    config edited to absurd sizes (rank 10^9, a million experts or labels) is refused, not built."""
+    try:
+        sites = find_sites(model, config, head_names(model, config))
+    except (ValueError, TypeError) as e:
+        raise AdapterLoadError(f"{directory} does not fit this model: {e}") from None
+    stored = sum(t.numel() for t in tensors.values())
+    if (config.num_labels or 0) > stored:
+        raise AdapterLoadError(f"{directory}: num_labels {config.num_labels} is more than the file's "
+                               f"{stored} numbers could hold")
+    expected = {}
+    for site in sites:
+        base = model.get_submodule(site)
+        base = base.base_layer if isinstance(base, AdaKronLayer) else base
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            probe = KronAdapter(output_width(base), config)
+        expected.update({f"{site}.{key}": tensor for key, tensor in probe.state_dict().items()})
+    problem = _mismatch(expected, {k: v for k, v in tensors.items() if ".adakron_" in k})
+    if problem:
+        raise AdapterLoadError(f"{directory} does not fit this model (different width, depth or type?): {problem}")
 
 
 def _restore_requires_grad(model: nn.Module, requires_grad: dict[int, bool]) -> None:

@@ -89,6 +89,20 @@ class AdaKronConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        targets = self.target_modules
+        if targets is not None and not (isinstance(targets, str) or _strings(targets)):
+            raise ValueError(f"`target_modules` ({self.target_modules!r}) must be a regex string or a list of module "
+                             "names, e.g. '.*\\.output\\.dense' or ['output.dense'].")
+        for name in ("head_modules", "label_names"):
+            value = getattr(self, name)
+            if value is not None and not _strings(value):
+                raise ValueError(f"`{name}` ({value!r}) must be a list of strings or null.")
+        for name in ("activation", "placement", "init", "experts"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"`{name}` ({getattr(self, name)!r}) must be a string.")
+        if self.initializer_range is not None and (isinstance(self.initializer_range, bool) or not isinstance(
+                self.initializer_range, (int, float))):
+            raise ValueError(f"`initializer_range` ({self.initializer_range!r}) must be a number or null, e.g. 0.02.")
         for name in ("rank", "kron_factor"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -178,6 +192,10 @@ METADATA_KEYS = frozenset(
     {"format_version", "adakron_version", "base_model_name_or_path", "model_type", "architecture",
      "adapter_name", "weights_sha256"}
 )
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import AdaKronConfig
 from .kron import KronAdapter, default_initializer_range
-from .layer import AdaKronLayer, TaskHeads, label_projections
+from .layer import AdaKronLayer, TaskHeads, label_projection
 from .state import STATE_ATTR, AdapterState, adakron_layers, adapter_names, set_active_adapter, state_of, task_heads
 from .targets import WRAPPABLE, candidate_names, default_patterns, matches, output_width, reads_pooler
 
@@ -111,10 +111,15 @@ def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str
     base_labels = state.base_labels if state else _label_settings(model)
     config = resolve_labels(config, base_labels).replace(head_modules=tuple(heads))
     base_num_labels = base_labels["num_labels"]
-    originals = [_original_head(model.get_submodule(h)) for h in heads]
-    if config.num_labels != base_num_labels and not any(label_projections(h, base_num_labels) for h in originals):
-        raise ValueError(f"Cannot give this model's head {config.num_labels} outputs: no Linear in {heads} has "
-                         f"{base_num_labels}. Build the model with num_labels={config.num_labels} instead.")
+    # The logits come from the last part of the head that is not the base model's pooler (which feeds it).
+    pooler = pooler_path(model)
+    label_head = next((h for h in reversed(heads) if h != pooler), None)
+    if config.num_labels != base_num_labels:
+        found = label_projection(_original_head(model.get_submodule(label_head))) if label_head else None
+        if found is None or found[1].out_features != base_num_labels:
+            raise ValueError(f"Cannot give this model's head {config.num_labels} outputs: {label_head or heads} "
+                             f"does not end in a Linear of {base_num_labels} outputs. Build the model with "
+                             f"num_labels={config.num_labels} instead.")
     init_range = config.initializer_range or default_initializer_range(model.config)
 
     if state is None:
@@ -129,7 +134,8 @@ def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str
         layer.adakron_adapters[name] = KronAdapter(output_width(base), config, init_range).to(
             device=base.weight.device, dtype=_adapter_dtype(base))
     for head in heads:
-        _wrap(model, head, TaskHeads).add(name, config.num_labels, base_num_labels, init_range)
+        _wrap(model, head, TaskHeads).add(name, config.num_labels, base_num_labels, init_range,
+                                          makes_labels=head == label_head)
     state.configs[name] = config
     state.sites[name] = sites
     set_trainable(model, name)

@@ -74,9 +74,12 @@ class TaskHeads(nn.Module):
         self.disabled = False
         self.row_groups: RowGroups | None = None
 
-    def add(self, name: str, num_labels: int, model_num_labels: int, initializer_range: float) -> None:
+    def add(self, name: str, num_labels: int, model_num_labels: int, initializer_range: float,
+            makes_labels: bool = True) -> None:
+        """A trainable copy of the head for adapter ``name``; ``makes_labels``: this part of the head produces
+        the logits (not, e.g., a pooler before it), so its label projection gets ``num_labels`` outputs."""
         head = copy.deepcopy(self.original_module)
-        if num_labels != model_num_labels:
+        if makes_labels and num_labels != model_num_labels:
             head = _resized(head, model_num_labels, num_labels, initializer_range)
         head.requires_grad_(False)
         for tensor in [*head.parameters(), *head.buffers()]:
@@ -115,16 +118,19 @@ class TaskHeads(nn.Module):
         return tree_map(cast(x.dtype, dtype), head(x.to(dtype), *args, **kwargs))
 
 
-def label_projections(head: nn.Module, num_labels: int) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+def label_projection(head: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The Linear that produces the labels: the last Linear of the head by position (BERT's ``classifier`` is
+    one, RoBERTa's ``classifier.out_proj`` ends its head), whatever its width."""
+    linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def _resized(head: nn.Module, old: int, new: int, initializer_range: float) -> nn.Module:
-    """The head with its last Linear of ``old`` outputs replaced by a fresh one of ``new`` outputs."""
-    named = label_projections(head, old)
-    if not named:  # a part of the head that does not produce the labels, e.g. DeBERTa's pooler
-        return head
-    path, last = named[-1]
+    """The head with its label projection (of ``old`` outputs) replaced by a fresh one of ``new`` outputs."""
+    found = label_projection(head)
+    if found is None or found[1].out_features != old:
+        raise ValueError(f"the head has no label projection of {old} outputs to resize")
+    path, last = found
     fresh = nn.Linear(last.in_features, new, bias=last.bias is not None, device=last.weight.device,
                       dtype=last.weight.dtype)
     with torch.no_grad():

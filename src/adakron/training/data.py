@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ def read_file(path: str | Path, text_columns: list[str], label_column: str | Non
             where = f"{path}:{line}" if kind == "jsonl" else str(path)
             raise UsageError(f"{where}: no column {missing[0]!r}; columns present: {', '.join(record)}")
         texts.append(tuple(_text(record[c], path, line, c) for c in text_columns))
-        labels.append(record[label_column] if label_column else None)
+        labels.append(_label(record[label_column], path, line, label_column) if label_column else None)
         kept.append(record)
     if not texts:
         raise UsageError(f"{path} holds no examples")
@@ -67,6 +68,10 @@ def readable(rows, path: Path):
         raise UsageError(f"{path}: cannot be read as {path.suffix.lstrip('.').upper()} ({e})") from None
 
 
+# A text field may be long (a document): the csv module's default limit of 128 KiB per field would refuse it.
+csv.field_size_limit(2**31 - 1)
+
+
 def _table_records(path: Path, kind: str):
     # TSV is taken unquoted, as GLUE writes it; CSV follows the usual quoting rules.
     quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
@@ -75,6 +80,10 @@ def _table_records(path: Path, kind: str):
         header = next(reader, None)
         if not header:
             return
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise UsageError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; give every "
+                             "column its own name")
         for row in reader:
             if not row:
                 continue
@@ -106,6 +115,17 @@ def _text(value: Any, path: Path, line: int, column: str) -> str:
     if not is_valid_text(value):
         raise UsageError(f"{path}:{line}: column {column!r} is not valid Unicode text (a lone surrogate such as "
                          "\\ud800, which no UTF-8 file or tokenizer can hold)")
+    return value
+
+
+def _label(value: Any, path: Path, line: int, column: str) -> Any:
+    if value is None or isinstance(value, (dict, list)) or (isinstance(value, str) and not value.strip()):
+        raise UsageError(f"{path}:{line}: column {column!r} must hold a label (a class name or a number), found "
+                         f"{value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{path}:{line}: label {value!r} is not a finite number")
+    if isinstance(value, str) and not is_valid_text(value):
+        raise UsageError(f"{path}:{line}: column {column!r} is not valid Unicode text")
     return value
 
 
@@ -142,6 +162,9 @@ def infer_label_space(values: list[Any], task_type: str | None = None) -> LabelS
         if numbers is None:
             bad = next(t for t in as_text if _floats([t]) is None)
             raise UsageError(f"regression needs numeric labels; found {bad!r}")
+        bad = next((t for t, x in zip(as_text, numbers) if not math.isfinite(x)), None)
+        if bad is not None:
+            raise UsageError(f"regression labels must be finite numbers; found {bad!r}")
         return LabelSpace(None)
     unique = sorted(set(as_text), key=lambda t: (int(t), t) if _INT.fullmatch(t) else (0, t)) \
         if all(_INT.fullmatch(t) for t in as_text) else sorted(set(as_text))
@@ -164,8 +187,8 @@ def encode_labels(examples: Examples, space: LabelSpace, source: str, accept_ids
     knows only because they were given to the ids."""
     if space.regression:
         numbers = _floats([str(v) for v in examples.labels])
-        if numbers is None:
-            raise UsageError(f"{source}: regression labels must be numbers")
+        if numbers is None or not all(math.isfinite(x) for x in numbers):
+            raise UsageError(f"{source}: regression labels must be finite numbers")
         return Examples(examples.texts, numbers, examples.records)
     index = {name: i for i, name in enumerate(space.names)}
     if accept_ids:

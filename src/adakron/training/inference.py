@@ -15,7 +15,7 @@ from ..adapters.checkpoint import CONFIG_NAME, AdapterLoadError, load_adapter, r
 from ..errors import UsageError
 from .data import FORMATS, Examples, LabelSpace, encode_labels, read_file, tokenize
 from .metrics import compute, predictions_from_logits
-from .rundir import FULL_MODEL_DIR, TASK_FILE
+from .rundir import DEFAULT_MAX_LENGTH, FULL_MODEL_DIR, read_task_file
 from .tasks import get_task, load_glue, read_split
 
 
@@ -36,7 +36,7 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"adapter dir {run_dir} does not exist")
-    info = json.loads((run_dir / TASK_FILE).read_text()) if (run_dir / TASK_FILE).is_file() else {}
+    info = read_task_file(run_dir)
     method = info.get("method") or _detect_method(run_dir)
     base = model_name or info.get("base_model")
     if method == "full":
@@ -66,7 +66,7 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
         labels = LabelSpace(None if config.problem_type == "regression" else tuple(config.label_names))
     from ..models import capped_length
 
-    max_length = capped_length(info.get("max_length", 128), model, tokenizer)
+    max_length = capped_length(info.get("max_length") or DEFAULT_MAX_LENGTH, model, tokenizer)
     return Trained(model.eval(), tokenizer, labels, info.get("text_columns"), max_length, info.get("task"))
 
 

@@ -11,6 +11,9 @@ from ..adapters.config import AdaKronConfig
 from ..adapters.optim import DOWN_LR_RATIO, UP_LR_RATIO
 from ..errors import UsageError
 
+# The shortest --max-length: [CLS] a [SEP] b [SEP] with a token of each text left, and some room.
+MIN_MAX_LENGTH = 8
+
 METHODS = ("adakron", "adapter", "lora", "full")
 @dataclass(frozen=True)
 class Recipe:
@@ -33,6 +36,8 @@ RECIPES = {
     "wnli": Recipe(5e-4, 5, 32, 128),
 }
 OWN_DATA_RECIPE = Recipe(5e-4, 5, 32, 128)
+# A causal LM on instruction data (e.g. SmolLM2-135M): a step at batch 4 x 256 tokens takes seconds on one CPU core.
+CAUSAL_LM_RECIPE = Recipe(5e-4, 1, 4, 256)
 FULL_LR = 5e-5
 
 
@@ -94,6 +99,7 @@ class TrainArgs:
     output_dir: str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides --epochs for the schedule)
     eval_steps: int | None = None  # evaluate (and checkpoint) every N steps instead of every epoch
     pad_to_max_length: bool = False
     # Measured (benchmarks/speed.py --epoch-cost): an SST-2 epoch costs 0.34x of random batches.
@@ -121,11 +127,14 @@ def with_recipe(args: TrainArgs, recipe: Recipe) -> TrainArgs:
         max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
     numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "max_train_samples",
-                                                "max_eval_samples", "eval_steps")},
+                                                "max_eval_samples", "eval_steps", "max_steps")},
                **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}
     for key, value in numbers.items():
         if value is not None and not value > 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if chosen["max_length"] is not None and chosen["max_length"] < MIN_MAX_LENGTH:
+        raise UsageError(f"--max-length must be at least {MIN_MAX_LENGTH} tokens (room for a pair of texts and the "
+                         f"special tokens), got {chosen['max_length']}")
     if not (args.consistency_weight >= 0 and math.isfinite(args.consistency_weight)):
         raise UsageError(f"--consistency-weight must be a finite number >= 0, got {args.consistency_weight}")
     if args.consistency_weight and args.method not in ("adakron", "adapter"):

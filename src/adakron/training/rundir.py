@@ -4,6 +4,7 @@ and writing its files so that a reader never sees half of one."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .recipes import TrainArgs
+from .recipes import MIN_MAX_LENGTH, TrainArgs
+
+logger = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
 FULL_MODEL_DIR = "model"
@@ -99,3 +102,73 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(json_safe(r), sort_keys=True) + "\n" for r in records))
     os.replace(tmp, path)
+
+
+DEFAULT_MAX_LENGTH = 128
+
+
+def read_task_file(directory: Path) -> dict[str, Any]:
+    """A run's task.json, every field type-checked (it may have been edited by hand); {} when there is none.
+    Raises UsageError naming the file and the field, so nothing is half-loaded on a bad one."""
+    path = Path(directory) / TASK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        task = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(task, dict):
+        raise UsageError(f"{path} must hold a JSON object")
+
+    def check(key: str, ok, want: str) -> None:
+        value = task.get(key)
+        if value is not None and not ok(value):
+            raise UsageError(f"{path}: {key} must be {want}, not {value!r}")
+
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    check("task", lambda v: isinstance(v, str), "a task name or null")
+    check("method", lambda v: isinstance(v, str), "a method name or null")
+    check("base_model", lambda v: isinstance(v, str), "a model path or hub id or null")
+    check("text_columns", lambda v: strings(v) and 1 <= len(v) <= 2, "a list of 1 or 2 column names")
+    check("label_names", strings, "a list of label names or null")
+    check("max_length", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= MIN_MAX_LENGTH,
+          f"an integer >= {MIN_MAX_LENGTH}")
+    return task
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it: a reader (or a run killed, or a full
+    disk, mid-write) never leaves a half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after the model, optimizer, scheduler and RNG states): a
+    checkpoint whose state file is missing or cut short was interrupted mid-save (a kill, a full disk)."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file()
+
+
+def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that was saved whole; checkpoints left half-written are removed (nothing in them
+    can be resumed from), earlier complete ones are kept."""
+    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if checkpoint_is_complete(p)]
+    latest = complete[-1] if complete else None
+    for partial in found:
+        if partial not in complete and (latest is None or int(partial.name.split("-")[-1]) > int(
+                latest.name.split("-")[-1])):
+            logger.warning("removing %s: it was interrupted while being saved", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+    return latest

@@ -3,6 +3,7 @@ with the best epoch kept, and the run's files (adapter, metrics, results, plot).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -21,12 +22,15 @@ from transformers import ProgressCallback, TrainerCallback
 from .. import __version__
 from ..adapters.inject import trainable_parameters
 from ..errors import UsageError
+from . import causal
+from ..models import is_causal_lm
 from .consistency import ConsistencyTrainer
 from .data import Examples, LabelSpace, encode_labels, infer_label_space, read_file, tokenize
 from .metrics import MAIN_METRIC, compute, predictions_from_logits
-from .recipes import METHODS, OWN_DATA_RECIPE, RECIPES, TrainArgs, adakron_config, with_recipe
-from .rundir import (CHECKPOINTS, EXPERTS_DIR, FULL_MODEL_DIR, RUN_ARGS, TASK_FILE, check_output_dir, comparable,
-                     json_safe, remove_run_outputs, write_jsonl)
+from .recipes import CAUSAL_LM_RECIPE, METHODS, OWN_DATA_RECIPE, RECIPES, TrainArgs, adakron_config, with_recipe
+from .rundir import (CHECKPOINTS, EXPERTS_DIR, FULL_MODEL_DIR, RUN_ARGS, TASK_FILE, atomic_write_text,
+                     check_output_dir, comparable, json_safe, latest_complete_checkpoint, remove_run_outputs,
+                     write_jsonl)
 from .tasks import get_task, load_glue
 
 logger = logging.getLogger(__name__)
@@ -45,9 +49,17 @@ class Prepared:
     output_dir: Path
 
     @property
+    def causal_lm(self) -> bool:
+        return self.metric == causal.METRIC
+
+    @property
     def main_key(self) -> str:
         """The metric that picks the best epoch, as the Trainer names it (first dev split)."""
-        return f"{next(iter(self.devs))}_{MAIN_METRIC[self.metric]}"
+        return f"{next(iter(self.devs))}_{causal.METRIC if self.causal_lm else MAIN_METRIC[self.metric]}"
+
+    @property
+    def greater_is_better(self) -> bool:
+        return not self.causal_lm  # a loss, else an accuracy, F1 or correlation
 
 
 def prepare(args: TrainArgs) -> Prepared:
@@ -61,6 +73,14 @@ def prepare(args: TrainArgs) -> Prepared:
         labels = LabelSpace(task.labels)
         name, text_columns, metric = task.name, list(task.hub_text_columns), task.metric
         recipe = RECIPES[task.name]
+    elif args.train_file and args.model and is_causal_lm(args.model):
+        args = with_recipe(args, CAUSAL_LM_RECIPE)
+        data = causal.read_data(args.train_file, args.validation_file, args.max_train_samples, args.max_eval_samples)
+        output_dir = Path(args.output_dir or f"runs/{Path(args.train_file).stem}-{args.method}")
+        args = TrainArgs(**{**asdict(args), "output_dir": str(output_dir)})
+        check_output_dir(output_dir, args)
+        return Prepared(args, Path(args.train_file).stem, data.train, {"dev": data.dev}, None, [], causal.METRIC,
+                        output_dir)
     elif args.train_file:
         if not args.validation_file:
             raise UsageError("--train-file needs --validation-file (labelled rows to evaluate each epoch on)")
@@ -97,29 +117,45 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     from ..models import load_tokenizer, resolve_model
 
     try:
-        training_args = _training_arguments(args, output_dir / CHECKPOINTS, prepared.main_key)
+        training_args = _training_arguments(args, output_dir / CHECKPOINTS, prepared.main_key,
+                                            prepared.greater_is_better)
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    total_steps = math.ceil(len(prepared.train) / args.batch_size) * args.epochs
+    total_steps = args.max_steps or math.ceil(len(prepared.train) / args.batch_size) * args.epochs
     if args.eval_steps and args.eval_steps > total_steps:
         raise UsageError(f"--eval-steps {args.eval_steps} is more than the run's {total_steps:.0f} steps")
     set_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    model = _build_model(args, prepared.labels)
+    if prepared.causal_lm:
+        from ..models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(args.model)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = causal.prepare_model(model, args.method, args, adakron_config)
+    else:
+        tokenizer = load_tokenizer(args.model)
+        model = _build_model(args, prepared.labels)
     from ..models import capped_length
 
     # A longer --max-length than the model takes is capped (with a warning): the run records what it used.
     requested = args  # what --resume compares with: the flags as given
     args = prepared.args = TrainArgs(**{**asdict(args), "max_length": capped_length(args.max_length, model,
                                                                                     tokenizer)})
-    train_data = tokenize(prepared.train, tokenizer, args.max_length, args.pad_to_max_length)
-    dev_data = {k: tokenize(v, tokenizer, args.max_length, args.pad_to_max_length) for k, v in prepared.devs.items()}
+    if prepared.causal_lm:
+        train_data, dev_data, collate = causal.datasets(causal.CausalData(prepared.train, prepared.devs["dev"]),
+                                                        tokenizer, args.max_length)
+        metrics, preprocess = causal.compute_metrics, causal.nll_sums
+    else:
+        train_data = tokenize(prepared.train, tokenizer, args.max_length, args.pad_to_max_length)
+        dev_data = {k: tokenize(v, tokenizer, args.max_length, args.pad_to_max_length)
+                    for k, v in prepared.devs.items()}
+        collate, metrics, preprocess = DataCollatorWithPadding(tokenizer), _metric_function(prepared), None
     with training_args.main_process_first(local=False, desc="preparing the output dir"):
         if training_args.process_index == 0:  # one process (of torchrun's) touches the folder
             if args.overwrite and output_dir.exists():
                 remove_run_outputs(output_dir)
             (output_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-            (output_dir / CHECKPOINTS / RUN_ARGS).write_text(json.dumps(comparable(requested), sort_keys=True))
+            atomic_write_text(output_dir / CHECKPOINTS / RUN_ARGS, json.dumps(comparable(requested), sort_keys=True))
     trainer_class = ConsistencyTrainer if args.consistency_weight else Trainer
     trainer = trainer_class(
         model=model,
@@ -127,8 +163,9 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         train_dataset=train_data,
         eval_dataset=dev_data,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=_metric_function(prepared),
+        data_collator=collate,
+        compute_metrics=metrics,
+        preprocess_logits_for_metrics=preprocess,
         callbacks=[EpochReport(output_dir, prepared), *(callbacks or [])],
         optimizers=(_optimizer(model, args), None),
     )
@@ -136,13 +173,27 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         trainer.consistency_weight = args.consistency_weight
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarOnlyProgress())
-    resume = args.resume and any((output_dir / CHECKPOINTS).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    # A checkpoint cut short (killed mid-save, full disk) is skipped: the run goes on from the last whole one.
+    resume = latest_complete_checkpoint(output_dir / CHECKPOINTS) if args.resume else None
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."): name the real cause.
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _disk_full(output_dir):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(output_dir)) from None
     if trainer.is_world_process_zero():
         results = _finish(trainer, prepared, resolve_model(args.model), time.time() - started)
         shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
         return results
     return {}
+
+
+def _disk_full(folder: Path, margin: int = 2**20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def _optimizer(model, args: TrainArgs):
@@ -193,7 +244,7 @@ def apply_method(model, method: str, args: TrainArgs, train_pooler: bool = True)
     return model  # full fine-tuning: everything trains
 
 
-def _training_arguments(args: TrainArgs, checkpoints: Path, main_key: str):
+def _training_arguments(args: TrainArgs, checkpoints: Path, main_key: str, greater_is_better: bool = True):
     from transformers import TrainingArguments
 
     every = "steps" if args.eval_steps else "epoch"
@@ -201,6 +252,7 @@ def _training_arguments(args: TrainArgs, checkpoints: Path, main_key: str):
         output_dir=str(checkpoints),
         learning_rate=args.lr,
         num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size * 2,
         warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of the total steps
@@ -216,7 +268,7 @@ def _training_arguments(args: TrainArgs, checkpoints: Path, main_key: str):
         save_total_limit=1,
         load_best_model_at_end=True,
         metric_for_best_model=main_key,
-        greater_is_better=True,
+        greater_is_better=greater_is_better,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         seed=args.seed,
         bf16=args.bf16,
@@ -311,12 +363,15 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
     model = trainer.model
     records = epoch_records(trainer.state.log_history)
     main_key = prepared.main_key
-    best = max(records, key=lambda r: _orderable(r["dev"][main_key]))
+    sign = 1 if prepared.greater_is_better else -1
+    best = max(records, key=lambda r: _orderable(None if r["dev"][main_key] is None else sign * r["dev"][main_key]))
     save_trained(model, args.method, output_dir, trainer.processing_class)
     task_info = {"task": args.task and prepared.name, "method": args.method, "text_columns": prepared.text_columns,
-                 "max_length": args.max_length, "base_model": args.model or "all-MiniLM-L6-v2",
-                 "label_names": list(prepared.labels.names) if prepared.labels.names else None}
-    (output_dir / TASK_FILE).write_text(json.dumps(task_info, indent=2))
+                 "max_length": args.max_length, "base_model": _portable(args.model),
+                 "label_names": list(prepared.labels.names) if prepared.labels and prepared.labels.names else None}
+    if prepared.causal_lm:  # what `adakron generate` needs to render prompts as training did
+        task_info.update(objective="causal-lm", template="auto", text_columns=None)
+    atomic_write_text(output_dir / TASK_FILE, json.dumps(task_info, indent=2))
     trainable, total = trainable_parameters(model)
     results = {
         "task": prepared.name,
@@ -335,13 +390,21 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
         "hyperparameters": {k: v for k, v in asdict(args).items() if k not in ("resume", "overwrite", "extra")},
         "versions": _versions(),
     }
-    (output_dir / "results.json").write_text(json.dumps(json_safe(results), indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "results.json", json.dumps(json_safe(results), indent=2, sort_keys=True))
     write_jsonl(output_dir / "metrics.jsonl", records)
     if args.plot:
         from .plots import plot_curves
 
         plot_curves(records, main_key, output_dir / "curves.png", title=f"{prepared.name} · {args.method}")
     return results
+
+
+def _portable(model: str | None) -> str:
+    """How task.json names the base model so that eval/serve find it from any directory: a local folder as an
+    absolute path, a hub id (or the embedded default's name) as given."""
+    if model is None:
+        return "all-MiniLM-L6-v2"
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def save_trained(model, method: str, output_dir: Path, tokenizer) -> None:
