@@ -55,6 +55,9 @@ class Method:
     outer_bias: float | None = None
     down_lr_ratio: float | None = None
     up_lr_ratio: float | None = None
+    num_experts: int = 1  # MAdaKron (benchmarks/madakron.py)
+    experts: str = "outer"
+    consistency_weight: float = 0.0
     # Extended upwards twice: every PEFT method's best MRPC F1 sat at the top of the grid, first of (5e-4, 1e-3)
     # with the pooler frozen, then of (5e-4, 1e-3, 2e-3) with the pooler trained.
     lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
@@ -118,7 +121,8 @@ def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) ->
     results = fit(TrainArgs(
         task=task, data_dir=str(args.data_dir), method=method.method, rank=method.rank,
         kron_factor=method.kron_factor, recipe=method.recipe, init=method.init, outer_bias=method.outer_bias,
-        down_lr_ratio=method.down_lr_ratio, up_lr_ratio=method.up_lr_ratio, lr=lr, seed=seed,
+        down_lr_ratio=method.down_lr_ratio, up_lr_ratio=method.up_lr_ratio, num_experts=method.num_experts,
+        experts=method.experts, consistency_weight=method.consistency_weight, lr=lr, seed=seed,
         epochs=epochs_for(task, args), output_dir=str(scratch), overwrite=True, plot=False,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         max_length=64 if args.quick else None))

@@ -74,7 +74,7 @@ import transformers
 from speed_epoch import epoch_cost
 from speed_measure import inference, step_times
 from speed_memory import MeasuredBuild, memory_child, peak_memory
-from speed_methods import COMPILE_MODES, KRON_FACTOR, LLAMA_SIZES, LORA_ALPHA, LORA_R, LR, METHODS, MODELS, RANK, log
+from speed_methods import EXTRA_METHODS, COMPILE_MODES, KRON_FACTOR, LLAMA_SIZES, LORA_ALPHA, LORA_R, LR, METHODS, MODELS, RANK, log
 from speed_profile import profile
 from speed_report import goals, machine, markdown
 
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     args.epoch_methods = args.epoch_methods.split(",")
     args.infer_extra = args.infer_extra.split(",")
     for m in {*args.methods, *args.epoch_methods, *(args.profile.split(",") if args.profile else [])}:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS + EXTRA_METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()

@@ -21,6 +21,10 @@ import adakron
 from adakron import AdaKronConfig
 
 METHODS = ("gate", "adakron", "adapter", "lora", "full")
+# Measured on request (--methods ...,madakron): MAdaKron in training, Partial, 4 experts; it serves merged, as
+# AdaKron exactly (same modules, same checkpoint), so its inference is AdaKron's.
+EXTRA_METHODS = ("madakron",)
+MADAKRON_EXPERTS = 4
 RANK, KRON_FACTOR, LORA_R, LORA_ALPHA = 16, 4, 8, 16
 LR = 1e-4
 MIB = 1024 * 1024
@@ -115,8 +119,9 @@ def with_method(model: nn.Module, method: str) -> nn.Module:
                                                 lora_dropout=0.1))
     from adakron.training.trainer import TrainArgs, apply_method
 
-    return apply_method(model, method, TrainArgs(rank=RANK, kron_factor=KRON_FACTOR, lora_r=LORA_R,
-                                                 lora_alpha=LORA_ALPHA))
+    experts = MADAKRON_EXPERTS if method == "madakron" else 1
+    return apply_method(model, "adakron" if method == "madakron" else method, TrainArgs(
+        rank=RANK, kron_factor=KRON_FACTOR, lora_r=LORA_R, lora_alpha=LORA_ALPHA, num_experts=experts))
 
 
 def vocab_size(model: nn.Module) -> int:

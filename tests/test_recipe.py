@@ -84,3 +84,19 @@ def test_train_flags_reach_the_adapter_and_the_optimizer(monkeypatch):
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     args = with_recipe(TrainArgs(**fields), OWN_DATA_RECIPE)
     assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 1.0, 0.125, 2.0)
+
+
+def test_an_adapter_saved_before_the_recipe_knobs_and_experts_existed_loads_unchanged(tmp_path):
+    from conftest import tiny_batch
+
+    model = tiny_model("bert")
+    adakron.add_adapter(model, AdaKronConfig(rank=8, initializer_range=0.3), name="old")
+    expected = model.eval()(**tiny_batch()).logits
+    adakron.save_adapter(model, tmp_path / "old", name="old")
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    for key in ("outer_bias", "num_experts", "experts"):  # what a checkpoint of adakron 0.1.0 lacks
+        del config[key]
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+    fresh = tiny_model("bert")
+    adakron.load_adapter(fresh, tmp_path / "old")
+    torch.testing.assert_close(fresh.eval()(**tiny_batch()).logits, expected, rtol=0, atol=0)

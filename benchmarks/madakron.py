@@ -1,0 +1,119 @@
+"""MAdaKron against AdaKron (issue 13): Partial (experts on the f-wide factor) and Full (both down-projections)
+with 4 experts, against AdaKron at the same r=16 and the library's default recipe, on RTE, MRPC, STS-B and CoLA,
+3 seeds each; and, on MRPC, Partial with AdaMix's consistency loss (weight 1, as the authors' GLUE code).
+
+Every method picks its lr on MRPC (seed 42) from the GLUE grid's lr values, as the GLUE grid does; the epochs,
+data and everything else are the grid's (benchmarks/glue.py). Evaluation, and the reported scores, use the
+merged adapter (MAdaKron's experts averaged), which is a plain AdaKron adapter: the same inference cost.
+Resumable and shareable like glue.py: one JSON per run under benchmarks/results/madakron/.
+
+    OMP_NUM_THREADS=1 python benchmarks/madakron.py &      # one worker per idle core
+    python benchmarks/madakron.py --render
+    python benchmarks/speed.py --models minilm --threads 1 --methods adakron,madakron   # step time and memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from glue import (DEFAULT_DATA, EPOCHS, RESULTS, SEEDS, TASK_NAMES, Method, chosen_lr, library_digest, run_one,
+                  score)
+
+FOLDER = RESULTS / "madakron"
+TASKS = ("rte", "mrpc", "stsb", "cola")
+# The library's default recipe for every row: MAdaKron is measured on whatever AdaKron ships with.
+METHODS = {m.key: m for m in (
+    Method("adakron16", "adakron", recipe="default"),
+    Method("madakron16-partial", "adakron", recipe="default", num_experts=4, experts="outer"),
+    Method("madakron16-full", "adakron", recipe="default", num_experts=4, experts="both"),
+)}
+CONSISTENCY = Method("madakron16-partial-cw1", "adakron", recipe="default", num_experts=4, experts="outer",
+                     consistency_weight=1.0)
+CONSISTENCY_TASK = "mrpc"
+
+
+def require_current_recipe() -> None:
+    """Every row runs the library's default recipe: results stored under an earlier default are not reused."""
+    from dataclasses import asdict
+
+    from adakron.training.recipes import ADAPTER_RECIPES
+
+    default = asdict(ADAPTER_RECIPES["default"])
+    for path in sorted(FOLDER.glob("*.json")):
+        used = json.loads(path.read_text())["hyperparameters"]
+        changed = sorted(k for k, v in default.items() if used.get(k) != v)
+        if changed:
+            raise SystemExit(f"{path} ran another default recipe ({', '.join(changed)} differ): move the folder's "
+                             "results aside to rerun them on the current one")
+
+
+def run(args) -> None:
+    require_current_recipe()
+    for method in METHODS.values():  # 1. each method's lr on MRPC
+        for lr in method.lr_grid:
+            run_one("mrpc", method, 42, lr, args, FOLDER)
+    for seed in SEEDS:  # 2. the tasks at the chosen lr, seed by seed
+        for task in TASKS:
+            for method in METHODS.values():
+                lr = chosen_lr(method, FOLDER)
+                if lr is not None:
+                    run_one(task, method, seed, lr, args, FOLDER)
+        lr = chosen_lr(METHODS["madakron16-partial"], FOLDER)
+        if lr is not None:  # 3. the consistency loss, at Partial's lr
+            run_one(CONSISTENCY_TASK, CONSISTENCY, seed, lr, args, FOLDER)
+
+
+def section() -> list[str]:
+    results = [json.loads(p.read_text()) for p in sorted(FOLDER.glob("*.json"))]
+    lines = ["## MAdaKron against AdaKron (`python benchmarks/madakron.py`)", ""]
+    if not results:
+        return lines + ["No runs have finished yet.", ""]
+    lines += ["Best-epoch dev score ×100 at each method's lr chosen on MRPC, mean ± std over the seeds that have "
+              "finished (their count in brackets); the merged adapter is what is evaluated.", "",
+              "| method | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg |", "|---" * (len(TASKS) + 3)
+              + "|"]
+    for method in [*METHODS.values(), CONSISTENCY]:
+        base = METHODS["madakron16-partial"] if method is CONSISTENCY else method
+        lr = chosen_lr(base, FOLDER)
+        cells, means = [], []
+        for task in TASKS:
+            values = [score(r, task) for r in results if r["method_key"] == method.key and r["task"] == task
+                      and r["hyperparameters"]["lr"] == lr]
+            cells.append(f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1
+                                                               else "") + f" ({len(values)})" if values else "–")
+            if values:
+                means.append(statistics.mean(values))
+        avg = f"{statistics.mean(means):.1f}" if len(means) == len(TASKS) else "–"
+        lines.append(f"| `{method.key}` | {lr if lr is None else f'{lr:g}'} | " + " | ".join(cells) + f" | {avg} |")
+    return lines + ["", "Epochs: " + ", ".join(f"{TASK_NAMES[t]} {EPOCHS[t]}" for t in TASKS) + ".", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
+    parser.add_argument("--render", action="store_true", help="only print the results table")
+    args = parser.parse_args(argv)
+    if not args.render:
+        if not (args.data_dir / "RTE").is_dir():
+            print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
+            return 0
+        args.quick, args.max_train_samples, args.max_eval_samples = False, None, None
+        args.library_digest = library_digest()
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        started = time.time()
+        run(args)
+        print(f"MAdaKron pass done in {time.time() - started:.0f}s", flush=True)
+    print("\n".join(section()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
