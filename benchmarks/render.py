@@ -390,6 +390,11 @@ def render() -> Path:
         lines += [f"<details><summary>{path.name}</summary>", "", path.read_text().rstrip(), "", "</details>", ""]
     lines += time_to_accuracy_section()
     lines += serving_section()
+    from llm_report import section as llm_section
+    from madakron import section as madakron_section
+
+    lines += madakron_section()
+    lines += llm_section()
     out = HERE / "RESULTS.md"
     out.write_text("\n".join(lines))
     return out

@@ -78,3 +78,11 @@ def test_generate_refuses_bad_sampling_flags_in_one_line(lm_dir, capsys):
     assert main(["generate", "--model", str(lm_dir), "--temperature", "-1", "hi"]) == 2
     err = capsys.readouterr().err
     assert "--temperature" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("recipe,init", [("default", "identity"), ("paper", "reference")])
+def test_a_causal_lm_adapter_starts_from_the_base_model_unless_the_paper_recipe_is_asked_for(lm_dir, tmp_path,
+                                                                                            recipe, init):
+    code, out = _train(lm_dir, tmp_path, "--max-steps", "1", "--recipe", recipe)
+    assert code == 0
+    assert json.loads((out / "adapter_config.json").read_text())["init"] == init

@@ -11,7 +11,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from test_serve import (ADAPTERS, _alive, _check, _inputs, _serve_process, _version, client, reference,  # noqa: F401
                         server, work)
 
@@ -148,3 +147,17 @@ def test_sigterm_lets_the_requests_in_flight_finish(work):  # noqa: F811
             process.kill()
             process.wait()
     assert results == [200] * 8, results
+
+
+def test_sigint_then_sigterm_while_draining_still_exits_130(work):  # noqa: F811
+    process, url, lines, reader = _serve_process(work, "--adapter", f"rte={work['dirs']['rte']}")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/healthz").status_code == 200
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # a supervisor's follow-up must not turn the exit code into 0
+        assert process.wait(timeout=30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,4 +1,5 @@
-"""The FastAPI app: request limits, routes, and errors as JSON."""
+"""The FastAPI apps: request limits, routes, and errors as JSON. A classifier gets the adakron API
+(``/v1/predict``, ``/v1/adapters``); a causal LM gets the OpenAI one (``openai.py``)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ from torch import nn
 from .. import __version__
 from ..adapters.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
 from ..training.data import is_valid_text
+from ..training.lm import ensure_pad_token
+from . import openai
 from .batcher import MicroBatcher
 from .engine import DEFAULT_MAX_BATCH, TASK_NAME, Engine, ServedAdapter
+from .generation import GenerationEngine
 from .schemas import (
     AdapterInfo,
     AdapterList,
     ErrorResponse,
+    GenerationHealth,
     Health,
     LoadRequest,
     PredictRequest,
@@ -35,6 +40,8 @@ from .schemas import (
 DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_CHARS = 4096
 DEFAULT_MAX_WAIT_MS = 10.0
+DEFAULT_MAX_TOKENS = 512  # per generation request (--max-tokens)
+DEFAULT_LM_BODY_BYTES = 4 * 2**20  # a request body for a causal LM: far more text than any context holds
 
 
 @dataclass
@@ -81,10 +88,12 @@ class _BodyLimit:
     """Answers 413 to a body over ``limit`` bytes, counted as it arrives (declared or chunked), before the app
     parses any of it. The rest of such a body is read and thrown away, up to ``drain`` bytes in all, so that an
     ordinary client (urllib, requests) that sends the whole body before reading gets the JSON answer instead of
-    a reset connection; past that bound the server answers at once and closes."""
+    a reset connection; past that bound the server answers at once and closes. ``error(status, kind, message)``
+    makes the JSON body (the adakron shape by default); ``hint`` says which settings set the limit."""
 
-    def __init__(self, app, limit: int, drain: int | None = None):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, drain: int | None = None, error=error_body,
+                 hint: str = "; see --max-rows and --max-chars"):
+        self.app, self.limit, self.error, self.hint = app, limit, error, hint
         self.drain = drain if drain is not None else max(4 * limit, 64 * 2**20)
 
     async def __call__(self, scope, receive, send):
@@ -136,8 +145,8 @@ class _BodyLimit:
 
     async def _refuse(self, send, size: int | None) -> None:
         seen = f"({size} bytes) " if size is not None else "(more than that) "
-        body = error_body(413, "body_too_large", f"The request body {seen}is larger than this server accepts "
-                                                 f"({self.limit} bytes; see --max-rows and --max-chars).")
+        body = self.error(413, "body_too_large", f"The request body {seen}is larger than this server accepts "
+                                                 f"({self.limit} bytes{self.hint}).")
         await JSONResponse(body, status_code=413, headers={"connection": "close"})(
             {"type": "http"}, _no_body, send)
 
@@ -150,17 +159,39 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
+def generates_text(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM (``...ForCausalLM``, GPT-2's ``...LMHeadModel``): it gets the OpenAI
+    routes. The model's class decides, as its config's architectures do for ``models.is_causal_lm``."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def create_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path] | None = None, *,
                adapter_root: str | Path | None = None, allow_admin: bool = False,
                max_rows: int = DEFAULT_MAX_ROWS, max_chars: int = DEFAULT_MAX_CHARS,
-               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
+               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch: int = DEFAULT_MAX_BATCH,
+               model_name: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+               max_body_bytes: int = DEFAULT_LM_BODY_BYTES) -> FastAPI:
     """A FastAPI app serving ``adapters`` ({name: directory}) on ``model`` (modified in place: the
-    adapters are loaded onto it). Raises ServeError / AdapterLoadError for an adapter it cannot serve."""
-    for name, value in (("max_rows", max_rows), ("max_chars", max_chars), ("max_batch", max_batch)):
-        if not isinstance(value, int) or value < 1:
+    adapters are loaded onto it). Raises ServeError / AdapterLoadError for an adapter it cannot serve.
+
+    A causal LM (``generates_text``) gets the OpenAI routes instead of the classifier ones: ``model_name`` is
+    the name that selects the base model (default: the model's path), ``max_tokens`` the most tokens a request
+    may generate, ``max_rows`` the most prompts per request, ``max_batch`` the most rows decoded together;
+    ``max_body_bytes`` caps its request bodies (``max_chars``, ``adapter_root`` and admin do not apply)."""
+    settings = [("max_rows", max_rows), ("max_chars", max_chars), ("max_batch", max_batch),
+                ("max_tokens", max_tokens), ("max_body_bytes", max_body_bytes)]
+    for name, value in settings:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ServeError(400, "invalid_setting", f"{name} must be a positive integer, not {value!r}.")
     if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms) and max_wait_ms >= 0):
         raise ServeError(400, "invalid_setting", f"max_wait_ms must be a finite number >= 0, not {max_wait_ms!r}.")
+    if generates_text(model):
+        if allow_admin:
+            raise ServeError(400, "invalid_setting", "Loading adapters at run time (--allow-admin) is not "
+                                                     "supported for causal LMs; pass them with --adapter.")
+        return _create_lm_app(model, tokenizer, adapters or {}, model_name=model_name, max_tokens=max_tokens,
+                              max_prompts=max_rows, max_wait_ms=max_wait_ms, max_batch=max_batch,
+                              max_body_bytes=max_body_bytes)
     root = None
     if adapter_root is not None:
         root = Path(adapter_root)
@@ -253,6 +284,56 @@ def create_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path]
     async def healthz() -> Health:
         return Health(status="ok", version=__version__, adapters=len(engine.adapters),
                       stats=engine.snapshot())
+
+    return app
+
+
+def _create_lm_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path], *, model_name: str | None,
+                   max_tokens: int, max_prompts: int, max_wait_ms: float, max_batch: int,
+                   max_body_bytes: int) -> FastAPI:
+    """The OpenAI-compatible app of a causal LM: the base model and every adapter are `model`s, and requests
+    for different ones are decoded together (generation.py)."""
+    engine = Engine(model, ensure_pad_token(tokenizer), max_batch)
+    # One encode settles the tokenizer backend's padding and truncation state: later encodes (on several threads)
+    # then never change it, which would fail ("Already borrowed") while the worker thread decodes.
+    tokenizer("warm-up")
+    model_name = model_name or str(getattr(model.config, "_name_or_path", "") or "") or "base"
+    for name, directory in adapters.items():
+        if name == model_name:
+            raise ServeError(400, "invalid_setting", f"--adapter {name}: that is the base model's name; name the "
+                                                     "adapter otherwise (or set --served-model-name).")
+        engine.load(name, directory)
+    generator = GenerationEngine(engine, max_wait_ms / 1000.0, max_batch)
+    defaults = model.generation_config.to_diff_dict() if getattr(model, "generation_config", None) else {}
+    temperature, top_p = defaults.get("temperature"), defaults.get("top_p")
+    limits = openai.LMLimits(
+        max_tokens=max_tokens, max_prompts=max_prompts, context=engine.token_limit,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+        # Like vLLM: sampling defaults to what the checkpoint's generation config sets, else OpenAI's 1 and 1.
+        temperature=float(temperature) if isinstance(temperature, (int, float)) and 0 <= temperature <= 2 else 1.0,
+        top_p=float(top_p) if isinstance(top_p, (int, float)) and 0 < top_p <= 1 else 1.0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await generator.start()
+        try:
+            yield
+        finally:
+            await generator.stop()
+
+    app = FastAPI(title="adakron", version=__version__, lifespan=lifespan,
+                  description="An OpenAI-compatible server for a causal LM and its AdaKron adapters: the request's "
+                              "`model` names the adapter, and requests for different adapters are decoded together.")
+    app.state.engine, app.state.generator, app.state.limits = engine, generator, limits
+    app.add_middleware(_BodyLimit, limit=max_body_bytes, hint="",
+                       error=lambda status, kind, message: openai.error_body(status, message, code=kind))
+    openai.install_errors(app)
+    app.include_router(openai.router(engine, generator, limits, model_name))
+
+    @app.get("/healthz", response_model=GenerationHealth, tags=["health"])
+    async def healthz() -> GenerationHealth:
+        return GenerationHealth(status="ok", version=__version__, model=model_name, adapters=len(engine.adapters),
+                                stats=generator.snapshot())
 
     return app
 

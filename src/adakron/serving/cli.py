@@ -1,4 +1,5 @@
-"""`adakron serve`: flags, startup checks with one-line errors, and the uvicorn server."""
+"""`adakron serve`: flags, startup checks with one-line errors, and the uvicorn server. A classifier gets the
+adakron API; a causal LM (``models.is_causal_lm``) the OpenAI-compatible one."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from ..adapters.checkpoint import AdapterLoadError
 from ..errors import Parser, UsageError
-from .app import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_MS, create_app
+from .app import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WAIT_MS, create_app
 from .engine import ADAPTER_NAME, DEFAULT_MAX_BATCH
 from .schemas import ServeError
 
@@ -40,21 +41,31 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="adakron serve", description="Serve AdaKron adapters over HTTP (FastAPI).")
+    p = Parser(prog="adakron serve", description="Serve AdaKron adapters over HTTP (FastAPI): a classifier on "
+                                                 "/v1/predict, a causal LM on the OpenAI-compatible /v1/completions "
+                                                 "and /v1/chat/completions.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="Serve the adapter saved in DIR as NAME (repeat for more).")
-    p.add_argument("--model", default=None, help="Base model path or hub id (default: the embedded all-MiniLM-L6-v2).")
+                   help="Serve the adapter saved in DIR as NAME (repeat for more). For a causal LM, NAME is the "
+                        "`model` a request names.")
+    p.add_argument("--model", default=None, help="Base model path or hub id (default: the embedded all-MiniLM-L6-v2; "
+                                                 "smollm2: the embedded SmolLM2-135M-Instruct, a causal LM).")
+    p.add_argument("--served-model-name", default=None,
+                   help="Causal LM: the `model` name that selects the base model, no adapter (default: --model).")
+    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS,
+                   help="Causal LM: the most tokens one request may generate (400 above).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port.")
     p.add_argument("--adapter-root", default=None, help="The only directory POST /v1/adapters may load from.")
     p.add_argument("--allow-admin", action="store_true", help="Enable POST/DELETE /v1/adapters.")
-    p.add_argument("--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS, help="Rows per request (413 above).")
+    p.add_argument("--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS,
+                   help="Rows per request (413 above); for a causal LM, prompts per /v1/completions request.")
     p.add_argument("--max-chars", type=_positive_int, default=DEFAULT_MAX_CHARS,
                    help="Characters per text (413 above).")
     p.add_argument("--max-wait-ms", type=_non_negative_float, default=DEFAULT_MAX_WAIT_MS,
                    help="How long a request may wait for others to share its forward pass (0: no wait; a pass "
                         "still takes every request that queued during the previous one).")
-    p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help="Rows per forward pass.")
+    p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
+                   help="Rows per forward pass; for a causal LM, rows decoded together.")
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda.")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's).")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from transformers import AutoModelForSequenceClassification
 
-    from ..models import check_device, load_tokenizer, resolve_model
+    from ..models import check_device, is_causal_lm, load_causal_lm, load_tokenizer, resolve_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -118,22 +129,30 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"--adapter-root {args.adapter_root}: no such directory.")
         if args.allow_admin and args.adapter_root is None:
             return fail("--allow-admin needs --adapter-root DIR: the only place adapters may be loaded from.")
-        if not adapters and not args.allow_admin:
-            return fail("nothing to serve: pass --adapter NAME=DIR (or --allow-admin to load adapters at run time).")
         if not 0 <= args.port <= 65535:
             return fail(f"--port {args.port} is not a port number.")
         check_device(args.device)
+        causal = is_causal_lm(args.model)  # a causal LM may serve its base model alone
+        if causal and args.allow_admin:
+            return fail("--allow-admin (loading adapters at run time) is not supported for causal LMs; pass them "
+                        "with --adapter NAME=DIR.")
+        if not adapters and not args.allow_admin and not causal:
+            return fail("nothing to serve: pass --adapter NAME=DIR (or --allow-admin to load adapters at run time).")
         model_path = resolve_model(args.model)
         try:
-            tokenizer = load_tokenizer(args.model)
-            model = AutoModelForSequenceClassification.from_pretrained(model_path)
+            if causal:
+                model, tokenizer = load_causal_lm(args.model)
+            else:
+                tokenizer = load_tokenizer(args.model)
+                model = AutoModelForSequenceClassification.from_pretrained(model_path)
             model = model.to(args.device).eval()
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return fail(f"cannot load model {args.model or model_path!r}: {first}")
         app = create_app(model, tokenizer, adapters, adapter_root=args.adapter_root, allow_admin=args.allow_admin,
                          max_rows=args.max_rows, max_chars=args.max_chars, max_wait_ms=args.max_wait_ms,
-                         max_batch=args.max_batch)
+                         max_batch=args.max_batch, model_name=args.served_model_name or args.model,
+                         max_tokens=args.max_tokens)
     except (ServeError, AdapterLoadError, UsageError) as e:
         return fail(str(e).splitlines()[0])
     try:
@@ -144,12 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
 
     class Server(uvicorn.Server):
-        stopped_by: int | None = None
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            self.signals: list[int] = []
 
         def handle_exit(self, sig, frame) -> None:
             # uvicorn re-raises the signal after shutting down, but a SIGINT inherited as ignored (a job started
-            # in the background by a shell) is then lost: remember it to exit 130 either way.
-            self.stopped_by = sig
+            # in the background by a shell) is then lost: remember every signal, so that a SIGINT means 130
+            # whatever came after it (a SIGTERM sent by an impatient supervisor while requests drain would
+            # otherwise decide the exit code, the likely cause of the one exit 0 seen under load).
+            self.signals.append(sig)
+            if sig != signal.SIGINT and signal.SIGINT in self.signals:
+                # Already stopping for a SIGINT: uvicorn would re-raise this signal too, last in first out,
+                # and its default action would end the process before the SIGINT (exit 130) does.
+                self.should_exit = True
+                return
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets=None) -> None:
@@ -171,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         sock.close()
-    if server.stopped_by == signal.SIGINT:
+    if signal.SIGINT in server.signals:
         return 130
     return 0 if server.started else 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
@@ -19,14 +18,15 @@ from ..adapters.checkpoint import adapter_state_dict, load_adapter, read_adapter
 from ..adapters.experts import merge_experts
 from ..adapters.inject import adapter_names, adapter_parameters, remove_adapter, state_of, task_heads
 from ..adapters.switching import predict
+from ..errors import UsageError
 from ..models import capped_length, token_limit
+from ..training.rundir import DEFAULT_MAX_LENGTH, read_task_file
 from .schemas import AdapterInfo, ServeError, Stats
 
 logger = logging.getLogger(__name__)
 
 TASK_NAME = "task.json"
 SERVABLE_METHODS = ("adakron", "adapter")  # `adakron train --method`: both save AdaKron adapters
-DEFAULT_MAX_LENGTH = 128
 DEFAULT_MAX_BATCH = 64
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -60,31 +60,16 @@ class ServedAdapter:
 
 def read_task(directory: Path) -> dict[str, Any]:
     """The adapter's task.json (written by the training command), checked; {} when there is none."""
-    path = directory / TASK_NAME
-    if not path.exists():
-        return {}
     try:
-        task = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ServeError(422, "invalid_adapter", f"{path} is not readable JSON ({e}).") from None
-    if not isinstance(task, dict):
-        raise ServeError(422, "invalid_adapter", f"{path} must hold a JSON object.")
-    columns = task.get("text_columns")
-    if columns is not None and not (
-            isinstance(columns, list) and 1 <= len(columns) <= 2 and all(isinstance(c, str) for c in columns)):
-        raise ServeError(422, "invalid_adapter", f"{path}: text_columns must list 1 or 2 column names, "
-                                                 f"not {columns!r}.")
+        task = read_task_file(directory)
+    except UsageError as e:
+        raise ServeError(422, "invalid_adapter", str(e)) from None
     method = task.get("method")
     if method is not None and method not in SERVABLE_METHODS:
         raise ServeError(422, "invalid_adapter", f"{directory} was trained with method {method!r}; the server "
                                                  f"serves AdaKron adapters ({' or '.join(SERVABLE_METHODS)} runs).")
     if task.get("max_length") is None:
         task["max_length"] = DEFAULT_MAX_LENGTH
-    max_length = task["max_length"]
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-        raise ServeError(422, "invalid_adapter", f"{path}: max_length must be an integer >= 2, not {max_length!r}.")
-    if task.get("task") is not None and not isinstance(task["task"], str):
-        raise ServeError(422, "invalid_adapter", f"{path}: task must be a string or null.")
     return task
 
 

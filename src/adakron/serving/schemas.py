@@ -96,6 +96,29 @@ class Health(BaseModel):
     stats: Stats
 
 
+class GenerationStats(BaseModel):
+    """Counters of the text-generation server (causal LMs); the base model counts as one adapter."""
+
+    requests: int = 0
+    rows: int = Field(0, description="Prompts (a /v1/completions request may carry several).")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batches: int = Field(0, description="model.generate calls; each decodes all its rows together.")
+    mixed_batches: int = Field(0, description="Batches whose rows used more than one adapter.")
+    max_rows_per_batch: int = 0
+    max_adapters_per_batch: int = 0
+    cancelled_rows: int = Field(0, description="Rows stopped because their client went away.")
+    failed_requests: int = Field(0, description="Requests answered with a 500 because the model failed on them.")
+
+
+class GenerationHealth(BaseModel):
+    status: str
+    version: str
+    model: str = Field(description="The base model's name (the `model` that selects no adapter).")
+    adapters: int
+    stats: GenerationStats
+
+
 class ErrorDetail(BaseModel):
     status: int
     type: str

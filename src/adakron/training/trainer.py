@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback
 
 from .. import __version__
 from ..adapters.inject import trainable_parameters
@@ -25,6 +25,7 @@ from ..errors import UsageError
 from . import causal
 from ..models import is_causal_lm
 from .consistency import ConsistencyTrainer
+from .report import BarOnlyProgress, EpochReport, epoch_records
 from .data import Examples, LabelSpace, encode_labels, infer_label_space, read_file, tokenize
 from .metrics import MAIN_METRIC, compute, predictions_from_logits
 from .recipes import CAUSAL_LM_RECIPE, METHODS, OWN_DATA_RECIPE, RECIPES, TrainArgs, adakron_config, with_recipe
@@ -74,7 +75,7 @@ def prepare(args: TrainArgs) -> Prepared:
         name, text_columns, metric = task.name, list(task.hub_text_columns), task.metric
         recipe = RECIPES[task.name]
     elif args.train_file and args.model and is_causal_lm(args.model):
-        args = with_recipe(args, CAUSAL_LM_RECIPE)
+        args = with_recipe(args, CAUSAL_LM_RECIPE, causal_lm=True)
         data = causal.read_data(args.train_file, args.validation_file, args.max_train_samples, args.max_eval_samples)
         output_dir = Path(args.output_dir or f"runs/{Path(args.train_file).stem}-{args.method}")
         args = TrainArgs(**{**asdict(args), "output_dir": str(output_dir)})
@@ -166,7 +167,7 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         data_collator=collate,
         compute_metrics=metrics,
         preprocess_logits_for_metrics=preprocess,
-        callbacks=[EpochReport(output_dir, prepared), *(callbacks or [])],
+        callbacks=[EpochReport(output_dir, list(prepared.devs)[-1]), *(callbacks or [])],
         optimizers=(_optimizer(model, args), None),
     )
     if args.consistency_weight:
@@ -293,64 +294,6 @@ def _metric_function(prepared: Prepared):
         return compute(prepared.metric, predictions, np.asarray(eval_pred.label_ids))
 
     return compute_metrics
-
-
-def epoch_records(log_history: list[dict]) -> list[dict[str, Any]]:
-    """One record per evaluation: epoch, step, train loss since the previous one, dev metrics of every
-    split (the Trainer logs each split as its own entry), seconds."""
-    records: dict[int, dict[str, Any]] = {}
-    loss = None
-    for entry in log_history:
-        if "loss" in entry:
-            loss = entry["loss"]
-        dev = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(
-            ("_runtime", "_per_second", "_loss"))}
-        if dev:
-            record = records.setdefault(entry["step"], {"epoch": round(entry["epoch"], 4), "step": entry["step"],
-                                                        "train_loss": loss, "dev": {}, "seconds": None})
-            record["dev"].update(dev)
-            record["seconds"] = entry.get("seconds", record["seconds"])
-    return list(records.values())
-
-
-class BarOnlyProgress(ProgressCallback):
-    """The progress bar, without the raw log dicts printed under it (EpochReport prints one line)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
-class EpochReport(TrainerCallback):
-    """Prints a line per evaluation and keeps metrics.jsonl current (rebuilt from the trainer's log
-    history, which a resumed run restores, so the file never holds a half-run's duplicates)."""
-
-    def __init__(self, output_dir: Path, prepared: Prepared):
-        self.output_dir, self.prepared = output_dir, prepared
-        self.since = time.time()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.since = time.time()
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not state.is_world_process_zero or not state.log_history:
-            return
-        if "seconds" not in state.log_history[-1] and self._is_last_split(state.log_history[-1]):
-            state.log_history[-1]["seconds"] = round(time.time() - self.since, 3)
-            self.since = time.time()
-            records = epoch_records(state.log_history)
-            write_jsonl(self.output_dir / "metrics.jsonl", records)
-            self._print(records[-1], state)
-
-    def _is_last_split(self, entry: dict) -> bool:
-        return f"eval_{list(self.prepared.devs)[-1]}_runtime" in entry
-
-    def _print(self, record: dict, state) -> None:
-        from tqdm.auto import tqdm
-
-        loss = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
-        dev = "  ".join(f"{k} {v:.4f}" for k, v in record["dev"].items())
-        tqdm.write(f"epoch {record['epoch']:.2f}/{state.num_train_epochs}  loss {loss}  {dev}  "
-                   f"{record['seconds']:.1f}s")
 
 
 def _orderable(value: float | None) -> float:
