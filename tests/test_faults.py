@@ -87,24 +87,28 @@ def test_a_run_killed_mid_evaluation_or_mid_save_resumes_to_the_same_results(pla
 
 
 def test_a_run_killed_at_random_moments_resumes_to_the_same_results(plain, tiny_model_dir, tmp_path):
+    """Killed twice, each time at a random step and in a random phase of it (inside the training step, the
+    evaluation or the checkpoint save), resumed each time: the same results as the run never interrupted."""
     train, dev, expected = plain
     out = tmp_path / "run"
     rng = random.Random(int(os.environ.get("ADAKRON_FAULT_SEED", "0")))
     argv = _args(tiny_model_dir, train, dev, out)
-    kills = 0
-    while not (out / "results.json").exists():
-        # Resume what the last attempt left; one killed before it wrote anything to resume starts over.
-        resumable = (out / "checkpoints" / "adakron_train_args.json").exists()
-        command = [sys.executable, "-m", "adakron.cli", *argv, "--resume" if resumable else "--overwrite"]
-        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            _, err = proc.communicate(timeout=rng.uniform(2, 8) if kills < 5 else 300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            kills += 1
-            continue
-        assert proc.returncode == 0, err[-2000:]
+    first, second = sorted(rng.sample(range(1, 3 * STEPS_PER_EPOCH), 2))
+    phases = {"step": "training_step", "evaluation": "prediction_step", "save": "_save_optimizer_and_scheduler"}
+    for attempt, step in enumerate((first, second)):
+        phase = rng.choice(list(phases)) if step % STEPS_PER_EPOCH == 0 else "step"  # eval and save end epochs
+        fault = KILL + textwrap.dedent(f"""
+            import transformers
+            real = transformers.Trainer.{phases[phase]}
+            def hooked(self, *a, **k):
+                if self.state.global_step == {step if phase != "step" else step - 1}:
+                    die()
+                return real(self, *a, **k)
+            transformers.Trainer.{phases[phase]} = hooked
+        """)
+        proc = _child([*argv, *(["--resume"] if attempt else [])], fault)
+        assert proc.returncode == -signal.SIGKILL, (step, phase, proc.stderr[-2000:])
+    assert main([*argv, "--resume"]) == 0
     assert _results(out) == expected
 
 

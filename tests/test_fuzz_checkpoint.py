@@ -109,7 +109,7 @@ def test_an_edited_config_is_refused_or_loads_the_saved_weights(saved, tmp_path,
 
 
 def test_a_config_claiming_absurd_sizes_is_refused_before_anything_is_allocated(saved, tmp_path):
-    for edit in ({"rank": 2**30, "kron_factor": 2**10}, {"num_experts": 10**7}, {"num_labels": 10**9}):
+    for edit in ({"rank": 2**30, "kron_factor": 2**10}, {"num_experts": 10**7}, {"num_labels": 10**9, "label_names": None}):
         folder = _copy(saved[0], tmp_path)
         config = json.loads((folder / CONFIG_NAME).read_text())
         (folder / CONFIG_NAME).write_text(json.dumps({**config, **edit}))

@@ -68,23 +68,30 @@ def test_loading_and_unloading_during_traffic_never_answers_with_another_adapter
     answers = {"rte": (reference("rte", _inputs("rte", 2, 9)), _version(work, "rte")),
                "sst3": (reference("sst3", _inputs("sst3", 2, 9)), _version(work, "sst3"))}
     rows = {"rte": _inputs("rte", 2, 9), "sst3": _inputs("sst3", 2, 9)}
-    stop, problems, seen = threading.Event(), [], {"ok": 0, "404": 0}
+    stop, problems, seen = threading.Event(), [], {"ok": 0, "refused": 0}
+    by_version = {version: name for name, (_, version) in answers.items()}
 
     def predict() -> None:
         rng = random.Random(0)
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            while not stop.is_set():
-                kind = rng.choice(["rte", "sst3"])
-                response = c.post("/v1/predict", json={"adapter": "swap", "inputs": rows[kind]})
-                if response.status_code in (404, 422):  # not loaded now, or loaded as the other shape
-                    seen["404"] += 1
-                    continue
-                body = response.json()
-                source = "rte" if body["version"] == answers["rte"][1] else "sst3"
-                if source != kind:
-                    continue  # rows shaped for one adapter scored by the other: its own answer is checked below
-                problems.extend(_check_as(response, source, answers, rows))
-                seen["ok"] += 1
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                while not stop.is_set():
+                    kind = rng.choice(["rte", "sst3"])
+                    response = c.post("/v1/predict", json={"adapter": "swap", "inputs": rows[kind]})
+                    if response.status_code in (404, 409, 422):  # not loaded now, replaced, or the other row shape
+                        seen["refused"] += 1
+                        continue
+                    if response.status_code != 200:
+                        problems.append(f"status {response.status_code}: {response.text[:200]}")
+                        continue
+                    source = by_version.get(response.json()["version"])
+                    if source != kind:  # rows of one shape answered by the other adapter, or by unknown weights
+                        problems.append(f"{kind} rows answered by {source or 'unknown weights'}")
+                        continue
+                    problems.extend(_check_as(response, source, answers, rows))
+                    seen["ok"] += 1
+        except Exception as e:  # noqa: BLE001 - a dying client must fail the test, not vanish
+            problems.append(repr(e))
 
     workers = [threading.Thread(target=predict) for _ in range(3)]
     for t in workers:
@@ -98,7 +105,7 @@ def test_loading_and_unloading_during_traffic_never_answers_with_another_adapter
     stop.set()
     for t in workers:
         t.join(timeout=60)
-    assert problems == [] and seen["ok"] > 0, (problems[:3], seen)
+    assert problems == [] and seen["ok"] > 0 and seen["refused"] > 0, (problems[:3], seen)
 
 
 def _check_as(response, source: str, answers, rows) -> list[str]:

@@ -131,9 +131,12 @@ def test_overwrite_replaces_a_finished_run_but_nothing_else(run_dir, tiny_model_
     base = ["train", "--model", tiny_model_dir, "--train-file", train, "--validation-file", train,
             "--text-columns", "text", "--output-dir", str(out), "--epochs", "1", "--max-length", "16", "--no-plot"]
     assert main(base) == 0
-    first = (out / "results.json").read_text()
+    (out / "curves.png").write_bytes(b"a stale plot of an earlier run")  # a run's own file: replaced
     assert main([*base, "--overwrite", "--seed", "3"]) == 0
-    assert (out / "results.json").read_text() != first
+    assert json.loads((out / "results.json").read_text())["seed"] == 3 and not (out / "curves.png").exists()
+    (out / "notes.txt").write_text("mine")  # not a run's file: the folder is refused, the file kept
+    _fails(capsys, [*base, "--overwrite"], "also holds notes.txt")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").exists()
 
 
 def test_overwrite_refuses_a_folder_holding_the_training_data(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -1,6 +1,6 @@
 """AdaKron: Kronecker-product bottleneck adapters for Hugging Face transformers models."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .adapters.checkpoint import AdapterLoadError, load_adapter, read_adapter, save_adapter
 from .adapters.config import AdaKronConfig

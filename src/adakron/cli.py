@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[ns.command](ns)
     except (UsageError, AdapterLoadError) as e:
-        print(f"adakron {ns.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).splitlines())  # one line, whatever a file's contents put into the message
+        print(f"adakron {ns.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine, not the input: a full disk, a folder without write permission
         where = f": {e.filename}" if e.filename else ""

@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as dump_safetensors
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from .config import FORMAT_VERSION, METADATA_KEYS, AdaKronConfig
 from .experts import merge_experts as merge
 from .experts import merged_config
@@ -84,6 +84,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     return directory
 
 
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """An error's message on one line, cut to ``limit`` characters: it may quote whatever the file held."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -128,11 +134,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdaKronConfig, dict, dic
     try:
         tensors = load_safetensors(payload)
     except SafetensorError as e:
-        raise AdapterLoadError(f"{weights_path} is not a readable safetensors file ({e}).") from None
+        raise AdapterLoadError(f"{weights_path} is not a readable safetensors file ({_one_line(e)}).") from None
     try:
         config = AdaKronConfig.from_dict({k: v for k, v in raw.items() if k not in METADATA_KEYS})
     except (TypeError, ValueError) as e:
-        raise AdapterLoadError(f"{config_path}: {e}") from None
+        raise AdapterLoadError(f"{config_path}: {_one_line(e)}") from None
     return config, {k: raw[k] for k in METADATA_KEYS if k in raw}, tensors
 
 
@@ -184,6 +190,9 @@ def _check_sizes(model: nn.Module, config: AdaKronConfig, tensors: dict[str, tor
         sites = find_sites(model, config, head_names(model, config))
     except (ValueError, TypeError) as e:
         raise AdapterLoadError(f"{directory} does not fit this model: {e}") from None
+    if config.num_experts > len(tensors):  # each expert is a tensor of its own in the file
+        raise AdapterLoadError(f"{directory}: num_experts {config.num_experts} is more than the file's "
+                               f"{len(tensors)} tensors could hold")
     stored = sum(t.numel() for t in tensors.values())
     if (config.num_labels or 0) > stored:
         raise AdapterLoadError(f"{directory}: num_labels {config.num_labels} is more than the file's "

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,11 @@ class AdaKronConfig:
         if targets is not None and not (isinstance(targets, str) or _strings(targets)):
             raise ValueError(f"`target_modules` ({self.target_modules!r}) must be a regex string or a list of module "
                              "names, e.g. '.*\\.output\\.dense' or ['output.dense'].")
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ValueError(f"`target_modules` ({targets!r}) is not a valid regular expression ({e}).") from None
         for name in ("head_modules", "label_names"):
             value = getattr(self, name)
             if value is not None and not _strings(value):

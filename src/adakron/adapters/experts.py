@@ -12,31 +12,40 @@ class Experts(nn.Module):
     """``num_experts`` linear maps ``in_features -> out_features``.
 
     In training mode each forward pass draws one expert uniformly at random (torch's global generator, so a
-    seeded run draws the same sequence) and the whole batch uses it; ``last_expert`` says which. In eval mode
-    the output is that of the average expert (weights and biases averaged), which is exactly what
-    ``merged()`` folds into one ``nn.Linear``: evaluating an unmerged adapter is evaluating the merged one.
+    seeded run draws the same sequence) and the whole batch uses it; ``last_expert`` says which. Each expert is a
+    Parameter of its own, so the ones not drawn get no gradient and the optimizer leaves them alone that step
+    (as AdaMix's separate modules; a stacked tensor would get zero gradients, and AdamW would still move it by
+    its momentum and weight decay). In eval mode the output is that of the average expert (weights and biases
+    averaged), exactly what ``average()`` gives the merged adapter: evaluating an unmerged adapter is evaluating
+    the merged one.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))  # (E, out, in)
-        self.bias = nn.Parameter(torch.zeros(num_experts, out_features))  # (E, out)
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(out_features, in_features))
+                                        for _ in range(num_experts))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(out_features)) for _ in range(num_experts))
         self.last_expert: int | None = None
 
     @property
     def num_experts(self) -> int:
-        return self.weight.shape[0]
+        return len(self.weights)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.last_expert = int(torch.randint(self.num_experts, ()))
-            return F.linear(h, self.weight[self.last_expert], self.bias[self.last_expert])
-        return F.linear(h, self.weight.mean(0), self.bias.mean(0))
+            return F.linear(h, self.weights[self.last_expert], self.biases[self.last_expert])
+        return F.linear(h, *self.average())
 
-    @torch.no_grad()
     def average(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The merged projection's (weight, bias): the uniform average of the experts'."""
-        return self.weight.mean(0), self.bias.mean(0)
+        return torch.stack(list(self.weights)).mean(0), torch.stack(list(self.biases)).mean(0)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, bias: float = 0.0) -> None:
+        for weight, b in zip(self.weights, self.biases):  # every expert drawn independently
+            weight.normal_(0.0, std)
+            b.fill_(bias)
 
 
 def merge_experts(model: nn.Module, name: str | None = None) -> None:

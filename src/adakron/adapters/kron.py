@@ -52,13 +52,17 @@ class KronAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: str, initializer_range: float, outer_bias: float = 0.0) -> None:
-        for projection in self._projections():  # every expert drawn independently
-            projection.weight.normal_(0.0, initializer_range)
-            projection.bias.zero_()
+        for projection in self._projections():
+            if isinstance(projection, Experts):
+                projection.reset_parameters(initializer_range)
+            else:
+                projection.weight.normal_(0.0, initializer_range)
+                projection.bias.zero_()
         if init == "identity":
             self.adakron_up.weight.zero_()
         if self.outer and self.has_experts:
-            self.adakron_down_outer.bias.fill_(outer_bias)
+            for bias in self.adakron_down_outer.biases:
+                bias.fill_(outer_bias)
         elif self.outer:
             self.adakron_down.bias[: self.outer] = outer_bias
 
@@ -87,7 +91,9 @@ class KronAdapter(nn.Module):
         if not self.has_experts:
             return
         weight, bias = self.merged_down()
-        down = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        # skip_init: no throwaway init, so merging (also on load) never moves the caller's random state.
+        down = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], device=weight.device,
+                                        dtype=weight.dtype)
         down.weight.copy_(weight)
         down.bias.copy_(bias)
         down.requires_grad_(self.adakron_up.weight.requires_grad)

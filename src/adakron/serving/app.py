@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..adapters.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError
 from ..training.data import is_valid_text
 from ..training.lm import ensure_pad_token
@@ -246,7 +246,7 @@ def create_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path]
             raise ServeError(404, "unknown_adapter", f"No adapter named {body.adapter!r}; loaded: "
                                                      f"{sorted(engine.adapters)} (GET /v1/adapters).")
         rows = _rows(body.inputs, info, limits)
-        version, predictions = await batcher.submit(body.adapter, rows)
+        version, predictions = await batcher.submit(body.adapter, rows, info)
         # A plain dict: FastAPI validates it against PredictResponse once, on the way out.
         return {"adapter": body.adapter, "version": version, "predictions": predictions}
 

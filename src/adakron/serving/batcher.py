@@ -57,11 +57,12 @@ class MicroBatcher:
             raise ServeError(503, "shutting_down", "The server is shutting down.")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def submit(self, adapter: str, rows: list[tuple[str, str | None]]) -> tuple[str, list[dict]]:
+    async def submit(self, adapter: str, rows: list[tuple[str, str | None]], served=None) -> tuple[str, list[dict]]:
+        """Queue ``rows`` for ``adapter``; ``served``: the loaded adapter they were validated against (Pending)."""
         if self._wakeup is None or self._closing:
             raise ServeError(503, "shutting_down", "The server is shutting down.")
         loop = asyncio.get_running_loop()
-        item = Pending(adapter, rows, loop.create_future(), loop.time())
+        item = Pending(adapter, rows, loop.create_future(), loop.time(), served)
         self._pending.append(item)
         self._wakeup.set()
         return await item.future

@@ -81,6 +81,9 @@ class Pending:
     rows: list[tuple[str, str | None]]
     future: asyncio.Future
     arrived: float
+    # The adapter the rows were checked against (their count of texts): if the name is reloaded with other
+    # weights before the forward pass, the request is refused rather than answered by the new adapter.
+    served: Any = None  # the ServedAdapter (identity, not name) the request was validated against
 
 
 class Engine:
@@ -197,10 +200,14 @@ class Engine:
         results: list[Any] = [None] * len(items)
         live = []
         for i, item in enumerate(items):
-            if item.adapter in adapters:
-                live.append(i)
-            else:  # unloaded while the request waited
+            served = adapters.get(item.adapter)
+            if served is None:  # unloaded while the request waited
                 results[i] = ServeError(404, "unknown_adapter", f"Adapter {item.adapter!r} was unloaded.")
+            elif item.served is not None and served is not item.served:
+                results[i] = ServeError(409, "adapter_changed", f"Adapter {item.adapter!r} was replaced while the "
+                                                                "request waited; retry.")
+            else:
+                live.append(i)
         rows = [(i, r) for i in live for r in range(len(items[i].rows))]
         encodings = self._tokenize([(i, items[i]) for i in live], adapters)
         outputs: dict[tuple[int, int], torch.Tensor] = {}

@@ -55,12 +55,13 @@ def datasets(data: CausalData, tokenizer, max_length: int, template: str = "auto
 
 
 def nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per batch (1, 2): summed next-token NLL over the labelled positions, and their count; the full logits
-    (batch x length x vocabulary) are never gathered across the dev set."""
-    shifted = logits[:, :-1].float().flatten(0, 1)
-    targets = labels[:, 1:].flatten()
-    total = F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum")
-    return torch.stack([total, (targets != -100).sum().to(total.dtype)]).unsqueeze(0)
+    """Per row (B, 2): the summed next-token NLL over its labelled positions, and their count. Per row, so that
+    gathering across processes (which trims padded duplicate rows) stays exact; the full logits (batch x length x
+    vocabulary) are never gathered across the dev set."""
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                                reduction="none")  # (B, T-1), 0 where ignored
+    return torch.stack([per_token.sum(1), (targets != -100).sum(1).to(per_token.dtype)], dim=1)
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:

@@ -186,6 +186,9 @@ def load_for_generation(adapter_dir: str | None = None, model_name: str | None =
     if not folder.is_dir():
         raise UsageError(f"adapter dir {folder} does not exist")
     task = read_task_file(folder)
+    if task.get("method") == "full" or (folder / "model" / "config.json").is_file():  # a full fine-tuning run
+        model, tokenizer = load_causal_lm(str(folder / "model"))
+        return model.eval(), tokenizer, None
     if (folder / "adapter_config.json").is_file() and task.get("method") == "lora":
         from peft import PeftModel
 

@@ -37,6 +37,9 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
     if not run_dir.is_dir():
         raise UsageError(f"adapter dir {run_dir} does not exist")
     info = read_task_file(run_dir)
+    if info.get("objective") == "causal-lm":
+        raise UsageError(f"{run_dir} is a causal-LM run (instruction tuning): use `adakron generate --adapter "
+                         f"{run_dir} PROMPT`, or `adakron serve` for its OpenAI-compatible routes")
     method = info.get("method") or _detect_method(run_dir)
     base = model_name or info.get("base_model")
     if method == "full":

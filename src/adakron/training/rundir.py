@@ -30,11 +30,27 @@ RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", TASK_FILE, "m
                "curves.png", CHECKPOINTS, FULL_MODEL_DIR, EXPERTS_DIR, "README.md")
 
 
+def _run_method(output_dir: Path) -> str | None:
+    try:
+        return json.loads((output_dir / TASK_FILE).read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _is_run_output(name: str, method: str | None) -> bool:
+    """A file a run writes: its outputs, and the temporary files of an atomic write it was killed in (a
+    README.md only in a LoRA run, peft's model card; a model/ folder only in a full fine-tuning run)."""
+    if name == "README.md":
+        return method == "lora"
+    if name == FULL_MODEL_DIR:
+        return method == "full"
+    return name in RUN_OUTPUTS or (name.startswith(".") and name.endswith(".tmp")) or name == "metrics.tmp"
+
+
 def _foreign_entries(output_dir: Path) -> list[str]:
-    """What ``output_dir`` holds that no run wrote (a README.md counts as a run's only beside its task.json)."""
-    names = sorted(p.name for p in output_dir.iterdir())
-    run_dir = (output_dir / TASK_FILE).is_file() or (output_dir / "results.json").is_file()
-    return [n for n in names if n not in RUN_OUTPUTS or (n == "README.md" and not run_dir)]
+    """What ``output_dir`` holds that no run wrote."""
+    method = _run_method(output_dir)
+    return [n for n in sorted(p.name for p in output_dir.iterdir()) if not _is_run_output(n, method)]
 
 
 def _inputs(args: TrainArgs) -> list[Path]:
@@ -56,7 +72,7 @@ def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
                 "no epoch checkpoint was written yet (start again with --overwrite)"))
         before = json.loads(saved.read_text())
         now = comparable(args)
-        changed = sorted(k for k in now if before.get(k) != now[k])
+        changed = sorted(k for k in now if not _same_setting(k, before, now[k]))
         if changed:
             raise UsageError(f"--resume needs the same settings as the run in {output_dir}; these differ: "
                              f"{', '.join(changed)}")
@@ -75,16 +91,42 @@ def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
 
 
 def remove_run_outputs(output_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = output_dir / name
+    method = _run_method(output_dir)
+    for path in list(output_dir.iterdir()):
+        if not _is_run_output(path.name, method):
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
 
 
+# Settings added after a run may have been checkpointed (adakron 0.1.0 wrote none of these), with the values
+# that run used: its checkpoint resumes when they still hold.
+ADDED_SETTINGS = {"recipe": ("default", "paper"), "outer_bias": (0.0,), "down_lr_ratio": (1.0,), "up_lr_ratio": (1.0,),
+                  "num_experts": (1,), "experts": ("outer",), "consistency_weight": (0.0,), "max_steps": (None,)}
+PATHS = ("train_file", "validation_file", "data_dir", "model")
+
+
 def comparable(args: TrainArgs) -> dict[str, Any]:
-    return {k: v for k, v in asdict(args).items() if k not in ("resume", "overwrite", "extra", "plot")}
+    """The settings --resume must find unchanged: everything but how the run is started and where it is (a run
+    folder may be moved), with input paths resolved (relative or absolute spellings of one file are one)."""
+    settings = {k: v for k, v in asdict(args).items() if k not in ("resume", "overwrite", "extra", "plot",
+                                                                     "output_dir")}
+    for key in PATHS:
+        value = settings.get(key)
+        if value and Path(value).exists():
+            settings[key] = str(Path(value).resolve())
+    return settings
+
+
+def _same_setting(key: str, before: dict, value: Any) -> bool:
+    if key not in before:
+        return key in ADDED_SETTINGS and value in ADDED_SETTINGS[key]
+    old = before[key]
+    if key in PATHS and old and value and Path(old).exists() and Path(value).exists():
+        return Path(old).resolve() == Path(value).resolve()
+    return old == value
 
 
 def json_safe(value: Any) -> Any:
@@ -99,9 +141,7 @@ def json_safe(value: Any) -> Any:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(json_safe(r), sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(json_safe(r), sort_keys=True) + "\n" for r in records))
 
 
 DEFAULT_MAX_LENGTH = 128

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import ProgressCallback
 
-from .. import __version__
+from .._version import __version__
 from ..adapters.inject import trainable_parameters
 from ..errors import UsageError
 from . import causal
@@ -74,7 +74,11 @@ def prepare(args: TrainArgs) -> Prepared:
         labels = LabelSpace(task.labels)
         name, text_columns, metric = task.name, list(task.hub_text_columns), task.metric
         recipe = RECIPES[task.name]
-    elif args.train_file and args.model and is_causal_lm(args.model):
+    elif args.train_file and not args.text_columns and args.model and is_causal_lm(args.model):
+        # A decoder with text columns named is a classifier of them (GPT-2, LLaMA heads); without, instruction data.
+        if args.consistency_weight:
+            raise UsageError("--consistency-weight is for classification (MAdaKron's consistency loss compares "
+                             "class distributions), not for causal-LM training")
         args = with_recipe(args, CAUSAL_LM_RECIPE, causal_lm=True)
         data = causal.read_data(args.train_file, args.validation_file, args.max_train_samples, args.max_eval_samples)
         output_dir = Path(args.output_dir or f"runs/{Path(args.train_file).stem}-{args.method}")
@@ -282,7 +286,9 @@ def _training_arguments(args: TrainArgs, checkpoints: Path, main_key: str, great
         ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
         # Classification losses are per-example means: DDP's gradient average is already the global mean.
         average_tokens_across_devices=False,
-        ddp_find_unused_parameters=False,  # frozen weights are not DDP parameters; all trainable ones get grads
+        # Frozen weights are not DDP parameters and every trainable one gets a gradient, except MAdaKron's experts
+        # that a step did not draw.
+        ddp_find_unused_parameters=args.num_experts > 1,
         disable_tqdm=False,
     )
 
@@ -306,8 +312,9 @@ def _finish(trainer, prepared: Prepared, base_model: str, wall: float) -> dict[s
     model = trainer.model
     records = epoch_records(trainer.state.log_history)
     main_key = prepared.main_key
-    sign = 1 if prepared.greater_is_better else -1
-    best = max(records, key=lambda r: _orderable(None if r["dev"][main_key] is None else sign * r["dev"][main_key]))
+    # The epoch whose weights are saved: the one the Trainer kept (load_best_model_at_end), else the last.
+    kept = trainer.state.best_global_step
+    best = next((r for r in records if r["step"] == kept), records[-1])
     save_trained(model, args.method, output_dir, trainer.processing_class)
     task_info = {"task": args.task and prepared.name, "method": args.method, "text_columns": prepared.text_columns,
                  "max_length": args.max_length, "base_model": _portable(args.model),

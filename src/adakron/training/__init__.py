@@ -1,0 +1,1 @@
+"""The training application: data, tasks, recipes, the trainer, evaluation and generation."""
