@@ -13,6 +13,7 @@ from .adapters.checkpoint import AdapterLoadError
 from .adapters.config import EXPERT_SITES, INITS, PLACEMENTS
 from .errors import Parser, UsageError
 from .training.generate import Sampling
+from .training.inference import BATCH_SIZE, PREDICTION_COLUMN, SCORE_COLUMN
 from .training.recipes import ADAPTER_RECIPES, METHODS, TrainArgs
 
 # One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
@@ -82,7 +83,8 @@ def build_parser() -> Parser:
     recipe.add_argument("--eval-steps", type=int, help="evaluate every N steps instead of every epoch")
     recipe.add_argument("--max-steps", type=int, help="stop after N optimizer steps (the schedule spans N steps)")
     recipe.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length")
-    recipe.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+    recipe.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS["group_by_length"],
                         help="batch examples of similar length (default; about 3x cheaper epochs than random "
                              "batches with dynamic padding)")
     recipe.add_argument("--gradient-checkpointing", action="store_true")
@@ -100,10 +102,10 @@ def build_parser() -> Parser:
     ev.add_argument("--data-dir")
     ev.add_argument("--validation-file")
     ev.add_argument("--text-columns", type=_columns)
-    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--label-column", default=DEFAULTS["label_column"])
     ev.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     ev.add_argument("--max-eval-samples", type=int)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=BATCH_SIZE)
 
     pr = sub.add_parser("predict", help="label new data with a trained adapter")
     pr.add_argument("--adapter", required=True)
@@ -112,12 +114,12 @@ def build_parser() -> Parser:
     pr.add_argument("--text-columns", type=_columns)
     pr.add_argument("--model")
     pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    pr.add_argument("--prediction-column", default="prediction",
+    pr.add_argument("--prediction-column", default=PREDICTION_COLUMN,
                     help="name of the added column with the predicted label (or score); an input column of that "
                          "name is never overwritten: the run is refused and asks for another name")
-    pr.add_argument("--score-column", default="score",
+    pr.add_argument("--score-column", default=SCORE_COLUMN,
                     help="name of the added column with the predicted class's probability (classification)")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--batch-size", type=int, default=BATCH_SIZE)
 
     gen = sub.add_parser("generate", help="generate text with a causal LM, with or without a trained adapter")
     gen.add_argument("prompt", help="the prompt (the chat template is applied for chat models)")

@@ -19,6 +19,10 @@ from .rundir import DEFAULT_MAX_LENGTH, FULL_MODEL_DIR, read_task_file
 from .tasks import get_task, load_glue, read_split
 
 
+PREDICTION_COLUMN, SCORE_COLUMN = "prediction", "score"  # the columns `predict` adds (names can be changed)
+BATCH_SIZE = 64  # rows per forward pass in eval and predict
+
+
 @dataclass
 class Trained:
     model: torch.nn.Module
@@ -83,7 +87,7 @@ def _detect_method(run_dir: Path) -> str:
 
 
 @torch.no_grad()
-def run_model(trained: Trained, examples: Examples, batch_size: int = 64) -> np.ndarray:
+def run_model(trained: Trained, examples: Examples, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Logits for every example, in order."""
     from transformers import DataCollatorWithPadding
 
@@ -99,7 +103,7 @@ def run_model(trained: Trained, examples: Examples, batch_size: int = 64) -> np.
 
 def evaluate(run_dir: str, task: str | None = None, data_dir: str | None = None, validation_file: str | None = None,
              text_columns: list[str] | None = None, label_column: str = "label", model_name: str | None = None,
-             max_samples: int | None = None, batch_size: int = 64) -> dict[str, dict[str, float]]:
+             max_samples: int | None = None, batch_size: int = BATCH_SIZE) -> dict[str, dict[str, float]]:
     """Dev metrics of a trained run, per dev split.
 
     ``validation_file`` is what is evaluated whenever it is given. With a GLUE task (``task``, or the task the
@@ -145,11 +149,10 @@ def check_text_columns(columns: list[str] | None, trained: Trained) -> list[str]
     return list(columns)
 
 
-PREDICTION_COLUMN, SCORE_COLUMN = "prediction", "score"
 
 
 def predict(run_dir: str, input_file: str, output_file: str, text_columns: list[str] | None = None,
-            model_name: str | None = None, overwrite: bool = False, batch_size: int = 64,
+            model_name: str | None = None, overwrite: bool = False, batch_size: int = BATCH_SIZE,
             prediction_column: str = PREDICTION_COLUMN, score_column: str = SCORE_COLUMN) -> int:
     """Write each input row, its fields unchanged, with its prediction (label name, or score for regression)
     and, for classification, the predicted class's probability; returns the row count.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .recipes import MIN_MAX_LENGTH, TrainArgs
+from .recipes import MIN_MAX_LENGTH, OWN_DATA_RECIPE, TrainArgs
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(json_safe(r), sort_keys=True) + "\n" for r in records))
 
 
-DEFAULT_MAX_LENGTH = 128
+# A run that recorded no max_length (written by save_adapter alone) is read with the own-data recipe's.
+DEFAULT_MAX_LENGTH = OWN_DATA_RECIPE.max_length
 
 
 def read_task_file(directory: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .._version import __version__
 from ..adapters.inject import trainable_parameters
 from ..errors import UsageError
 from . import causal
-from ..models import is_causal_lm
+from ..models import DEFAULT_MODEL, is_causal_lm
 from .consistency import ConsistencyTrainer
 from .report import BarOnlyProgress, EpochReport, epoch_records
 from .data import Examples, LabelSpace, encode_labels, infer_label_space, read_file, tokenize
@@ -353,7 +353,7 @@ def _portable(model: str | None) -> str:
     """How task.json names the base model so that eval/serve find it from any directory: a local folder as an
     absolute path, a hub id (or the embedded default's name) as given."""
     if model is None:
-        return "all-MiniLM-L6-v2"
+        return DEFAULT_MODEL
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
