@@ -217,6 +217,23 @@ def run_grid(args) -> None:
             run_one("mrpc", method, 42, lr, args, folder)
 
 
+def full_pass(args, run, label: str) -> None:
+    """One worker's pass of a sibling grid (recipe.py, madakron.py) on the full data, with the guards glue.py's
+    workers have: nothing to do without the data; results refused if the library changes under the worker."""
+    if not (args.data_dir / "RTE").is_dir():
+        print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
+        return
+    # What run_one reads from its arguments: the full grid, never the quick one.
+    args.quick, args.max_train_samples, args.max_eval_samples = False, None, None
+    args.library_digest = library_digest()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    started = time.time()
+    run(args)
+    print(f"{label} pass done in {time.time() - started:.0f}s", flush=True)
+
+
 def load_results(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 

@@ -19,11 +19,9 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from glue import (DEFAULT_DATA, EPOCHS, RESULTS, SEEDS, TASK_NAMES, Method, chosen_lr, library_digest, run_one,
-                  score)
+from glue import DEFAULT_DATA, EPOCHS, RESULTS, SEEDS, TASK_NAMES, Method, chosen_lr, full_pass, run_one, score
 
 FOLDER = RESULTS / "madakron"
 TASKS = ("rte", "mrpc", "stsb", "cola")
@@ -100,17 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only print the results table")
     args = parser.parse_args(argv)
     if not args.render:
-        if not (args.data_dir / "RTE").is_dir():
-            print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
-            return 0
-        args.quick, args.max_train_samples, args.max_eval_samples = False, None, None
-        args.library_digest = library_digest()
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        started = time.time()
-        run(args)
-        print(f"MAdaKron pass done in {time.time() - started:.0f}s", flush=True)
+        full_pass(args, run, "MAdaKron")
     print("\n".join(section()))
     return 0
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from glue import (
@@ -32,7 +31,7 @@ from glue import (
     SEEDS,
     TASK_NAMES,
     Method,
-    library_digest,
+    full_pass,
     run_id,
     run_one,
     score,
@@ -222,18 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
     if not args.render:
-        if not (args.data_dir / "RTE").is_dir():
-            print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
-            return 0
-        # What glue.run_one reads from its arguments: the full grid, never the quick one.
-        args.quick, args.max_train_samples, args.max_eval_samples = False, None, None
-        args.library_digest = library_digest()
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        started = time.time()
-        run(args)
-        print(f"recipe pass done in {time.time() - started:.0f}s", flush=True)
+        full_pass(args, run, "recipe")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from render import render
 
