@@ -82,9 +82,9 @@ def result(task: str, method: Method, seed: int, lr: float) -> dict | None:
 SCREEN_LRS = (4e-3, 5e-4, 2e-3, 1e-3)
 
 
-def screen_order(keys: list[str]) -> list[tuple[str, str, float]]:
-    """By lr as SCREEN_LRS, CoLA (the cheapest task) first within an lr, the candidates in their order."""
-    return [(task, key, lr) for lr in SCREEN_LRS for task in TASKS for key in keys]
+def screen_order(keys: list[str], tasks=TASKS, lrs=SCREEN_LRS) -> list[tuple[str, str, float]]:
+    """By lr as given (SCREEN_LRS), the tasks in their order within an lr, then the candidates in theirs."""
+    return [(task, key, lr) for lr in lrs for task in tasks for key in keys]
 
 
 def chosen_lr(method: Method) -> float | None:
@@ -107,7 +107,7 @@ def run(args) -> None:
                 for task in TASKS:
                     _one(task, CANDIDATES[key], seed, lr, args)
         return
-    for task, key, lr in screen_order(keys):
+    for task, key, lr in screen_order(keys, args.tasks, args.lrs):
         _one(task, CANDIDATES[key], 42, lr, args)
 
 
@@ -213,6 +213,10 @@ def _plot(runs: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=lambda s: s.split(","), default=list(CANDIDATES))
+    parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS),
+                        help="the screen's tasks, in the order to run them (e.g. mrpc first: it picks the lr)")
+    parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=list(SCREEN_LRS),
+                        help="the screen's lrs, in the order to run them")
     parser.add_argument("--confirm", type=lambda s: s.split(","), help="two candidates to run on seeds 43, 44")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md")
@@ -220,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.candidates + (args.confirm or [])) - set(CANDIDATES))
     if unknown:
         parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
+    if set(args.tasks) - set(TASKS) or set(args.lrs) - set(LRS):
+        parser.error(f"the screen covers tasks {list(TASKS)} and lrs {list(LRS)}; choose among them")
     if not args.render:
         full_pass(args, run, "recipe")
     sys.path.insert(0, str(Path(__file__).resolve().parent))

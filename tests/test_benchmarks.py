@@ -73,3 +73,8 @@ def test_the_papers_recipe_in_the_grid_and_the_study_is_the_same_training():
 
     ours, grid = asdict(recipe.CANDIDATES["paper"]), asdict(glue.METHODS["adakron16"])
     assert {k: v for k, v in ours.items() if k != "key"} == {k: v for k, v in grid.items() if k != "key"}
+
+
+def test_the_recipe_screen_can_run_a_chosen_task_and_lr_order_first():
+    order = recipe.screen_order(["id-bias1-down8"], ["mrpc"], [4e-3, 5e-4])
+    assert order == [("mrpc", "id-bias1-down8", 4e-3), ("mrpc", "id-bias1-down8", 5e-4)]
