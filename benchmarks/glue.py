@@ -20,10 +20,11 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,8 +39,7 @@ REPORTED = {"rte": "accuracy", "mrpc": "f1", "stsb": "pearson", "cola": "matthew
 # CoLA first ran 3 epochs; its runs take 1 minute an epoch and every method was still climbing, so it got 8.
 EPOCHS = {"rte": 6, "mrpc": 5, "stsb": 5, "cola": 8, "sst2": 1}
 SEEDS = (42, 43, 44)
-MULTI_SEED = {("rte", "adakron16"), ("rte", "lora"), ("rte", "full"),
-              ("mrpc", "adakron16"), ("mrpc", "lora"), ("mrpc", "full")}
+MULTI_SEED = {(task, key) for task in ("rte", "mrpc") for key in ("adakron16", "adakron16-default", "lora", "full")}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Method:
     rank: int = 16
     kron_factor: int = 4
     # The adapter recipe (adakron, adapter): `adakron train --recipe`, and overrides of its knobs (None: the
-    # recipe's). The first grid ran the authors' recipe, which the library's default was then.
+    # recipe's). The first grid ran the authors' recipe, which the library's default was then; its rows are kept.
     recipe: str = "paper"
     init: str | None = None
     outer_bias: float | None = None
@@ -64,6 +64,8 @@ class Method:
 
 
 METHODS = {m.key: m for m in (
+    Method("adakron16-default", "adakron", rank=16, recipe="default"),
+    Method("adakron48-default", "adakron", rank=48, recipe="default"),
     Method("adakron16", "adakron", rank=16),
     Method("adakron48", "adakron", rank=48),
     Method("adapter", "adapter", rank=16, kron_factor=1),
@@ -81,11 +83,33 @@ def run_id(task: str, method: Method, seed: int, lr: float) -> str:
     return f"{task}-{method.key}-s{seed}-lr{lr:g}"
 
 
+# Runs another study (folder, method key) already made with the same training: adopted, not trained again. The
+# recipe study's winner is the library's default recipe spelt out knob by knob (tests/test_benchmarks.py).
+TWINS = {"adakron16-default": ("recipe", "id-bias1-down8")}
+
+
+def adopt_twin(path: Path, task: str, method: Method, seed: int, lr: float) -> bool:
+    """Copies the twin run of ``method`` into ``path`` under this grid's method key, naming where it came from."""
+    if method.key not in TWINS:
+        return False
+    folder, key = TWINS[method.key]
+    twin = RESULTS / folder / f"{run_id(task, replace(method, key=key), seed, lr)}.json"
+    if not twin.exists():
+        return False
+    result = json.loads(twin.read_text())
+    result.update(method_key=method.key, reused_from=twin.relative_to(RESULTS).as_posix())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    print(f"-- {path.stem}: adopted {result['reused_from']}", flush=True)
+    return True
+
+
 def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path) -> dict | None:
     """Train one configuration unless its result file exists (or another worker is training it);
     returns the stored result."""
     path = folder / f"{run_id(task, method, seed, lr)}.json"
-    if path.exists():
+    if path.exists() or (folder.name == "glue" and adopt_twin(path, task, method, seed, lr)):
         return stored(path, epochs_for(task, args))
     require_same_library(args)
     with claimed(path.with_suffix(".lock")) as mine:
@@ -110,22 +134,29 @@ def stored(path: Path, epochs: int) -> dict:
     return result
 
 
-def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) -> dict:
-    """Train one run in a scratch folder named after its result file and store the result atomically."""
-    import torch
+def train_args(task: str, method: Method, seed: int, lr: float, args, scratch: Path):
+    """What one run of the grid trains, as `adakron train`'s arguments."""
+    from adakron.training.trainer import TrainArgs
 
-    from adakron.training.trainer import TrainArgs, fit
-
-    scratch = HERE.parent / "runs" / "bench" / path.parent.name / path.stem
-    print(f"== {path.stem}", flush=True)
-    results = fit(TrainArgs(
+    return TrainArgs(
         task=task, data_dir=str(args.data_dir), method=method.method, rank=method.rank,
         kron_factor=method.kron_factor, recipe=method.recipe, init=method.init, outer_bias=method.outer_bias,
         down_lr_ratio=method.down_lr_ratio, up_lr_ratio=method.up_lr_ratio, num_experts=method.num_experts,
         experts=method.experts, consistency_weight=method.consistency_weight, lr=lr, seed=seed,
         epochs=epochs_for(task, args), output_dir=str(scratch), overwrite=True, plot=False,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        max_length=64 if args.quick else None))
+        max_length=64 if args.quick else None)
+
+
+def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) -> dict:
+    """Train one run in a scratch folder named after its result file and store the result atomically."""
+    import torch
+
+    from adakron.training.trainer import fit
+
+    scratch = HERE.parent / "runs" / "bench" / path.parent.name / path.stem
+    print(f"== {path.stem}", flush=True)
+    results = fit(train_args(task, method, seed, lr, args, scratch))
     require_same_library(args)  # a change during the run may have mixed old and new modules
     results["method_key"] = method.key
     results["library_digest"] = args.library_digest
@@ -177,6 +208,15 @@ def claimed(lock: Path):
             lock.unlink(missing_ok=True)  # before the flock goes: a late opener then finds the result
     finally:
         os.close(fd)
+
+
+def mean_std(values: list[float], count: bool = False) -> str:
+    """"mean ± std" of a table cell (just the value for one run, "–" for none); ``count`` adds how many runs."""
+    if not values:
+        return "–"
+    text = f"{values[0]:.1f}" if len(values) == 1 else \
+        f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return f"{text} ({len(values)})" if count else text
 
 
 def score(result: dict, task: str, which: str = "best") -> float:

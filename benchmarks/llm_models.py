@@ -38,9 +38,9 @@ def adapter_config(method: str):
     default adapter recipe, training no head."""
     from adakron.training.recipes import TrainArgs, adakron_config, adapter_recipe
 
-    init = adapter_recipe("default", causal_lm=True).init  # what `adakron train` uses on a causal LM
-    return adakron_config(TrainArgs(method=method, rank=RANK, recipe="default", init=init), method).replace(
-        head_modules=())
+    recipe = adapter_recipe("default", causal_lm=True)  # what `adakron train` uses on a causal LM
+    args = TrainArgs(method=method, rank=RANK, init=recipe.init, outer_bias=recipe.outer_bias)
+    return adakron_config(args, method).replace(head_modules=())
 
 
 def tiny_lm(seed: int = 0):

@@ -21,7 +21,19 @@ import statistics
 import sys
 from pathlib import Path
 
-from glue import DEFAULT_DATA, EPOCHS, RESULTS, SEEDS, TASK_NAMES, Method, chosen_lr, full_pass, run_one, score
+from glue import (
+    DEFAULT_DATA,
+    EPOCHS,
+    RESULTS,
+    SEEDS,
+    TASK_NAMES,
+    Method,
+    chosen_lr,
+    full_pass,
+    mean_std,
+    run_one,
+    score,
+)
 
 FOLDER = RESULTS / "madakron"
 TASKS = ("rte", "mrpc", "stsb", "cola")
@@ -83,8 +95,7 @@ def section() -> list[str]:
         for task in TASKS:
             values = [score(r, task) for r in results if r["method_key"] == method.key and r["task"] == task
                       and r["hyperparameters"]["lr"] == lr]
-            cells.append(f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1
-                                                               else "") + f" ({len(values)})" if values else "–")
+            cells.append(mean_std(values, count=True))
             if values:
                 means.append(statistics.mean(values))
         avg = f"{statistics.mean(means):.1f}" if len(means) == len(TASKS) else "–"

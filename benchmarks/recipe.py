@@ -32,6 +32,7 @@ from glue import (
     TASK_NAMES,
     Method,
     full_pass,
+    mean_std,
     run_id,
     run_one,
     score,
@@ -171,7 +172,7 @@ def _confirm_table() -> list[str]:
         for task in TASKS:
             values = [score(r, task) for seed in SEEDS if (r := result(task, method, seed, lr)) is not None]
             complete &= len(values) == len(SEEDS)
-            cells.append(_mean_std(values))
+            cells.append(mean_std(values, count=True))
         if any(result(t, method, s, lr) is not None for t in TASKS for s in SEEDS[1:]):
             rows.append(f"| `{key}` | {lr:g} | " + " | ".join(cells) + " |")
     if not rows:
@@ -179,16 +180,6 @@ def _confirm_table() -> list[str]:
     return ["### Confirmation at the lr each recipe chose on MRPC (seeds " + ", ".join(map(str, SEEDS)) + ")", "",
             "| recipe | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---" * (len(TASKS) + 2) + "|",
             *rows, ""]
-
-
-def _mean_std(values: list[float]) -> str:
-    import statistics
-
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.1f} (1 seed)"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({len(values)} seeds)"
 
 
 def _plot(runs: dict, path: Path) -> None:

@@ -9,21 +9,28 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from glue import ABLATIONS, EPOCHS, METHODS, MULTI_SEED, RESULTS, SEEDS, TASK_NAMES, TASKS, chosen_lr, run_id, score
+from glue import (
+    ABLATIONS,
+    EPOCHS,
+    METHODS,
+    MULTI_SEED,
+    RESULTS,
+    SEEDS,
+    TASK_NAMES,
+    TASKS,
+    chosen_lr,
+    mean_std,
+    run_id,
+    score,
+)
 
 HERE = Path(__file__).resolve().parent
 # The first pass (pooler frozen) ran each method's first three learning rates; later passes extended the grid.
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
-NAMES = {"adakron16": "AdaKron r=16 f=4", "adakron48": "AdaKron r=48 f=4", "adapter": "Adapter r=16 (plain)",
+NAMES = {"adakron16-default": "AdaKron r=16 f=4", "adakron48-default": "AdaKron r=48 f=4",
+         "adakron16": "AdaKron r=16 f=4, authors' recipe", "adakron48": "AdaKron r=48 f=4, authors' recipe",
+         "adapter": "Adapter r=16 (plain)",
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _expected_runs() -> int:
@@ -65,7 +72,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
             runs = by_cell[key, task]
             best = [score(r, task) for r in runs]
             last = [score(r, task, "last") for r in runs]
-            cells.append(f"{_mean_std(best)} ({_mean_std(last)})" if runs else "–")
+            cells.append(f"{mean_std(best)} ({mean_std(last)})" if runs else "–")
             if runs:
                 means.append(statistics.mean(best))
                 # With a two-label head (the tasks' heads differ: 770 for two labels, 385 for STS-B's one output).
@@ -318,8 +325,11 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
               "(batch 32, length-grouped batches, 2-epoch linear schedule, each method at the lr chosen on MRPC). "
               "Training seconds leave out evaluation and checkpointing. Runs here had another 1-thread job on the "
               "machine's other core.",
-              "", "| method | lr | target | eval every | threads | reached at step (epoch) | accuracy then | "
-              "training s | wall s incl. eval | s/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "`adakron` is the library's default recipe, `adakron-paper` the authors' (what `adakron` ran before the "
+              "recipe study set the default). Compare rows of one sitting (the same date): the machine's load moves "
+              "every timing.",
+              "", "| method | lr | measured | target | eval every | threads | reached at step (epoch) | accuracy then | "
+              "training s | wall s incl. eval | s/step |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     from time_to_accuracy import GRID_KEYS
 
     for r in runs:
@@ -330,7 +340,8 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
         name = r["method"]
         if chosen != r["lr"]:
             name += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
-        setting = f"| {name} | {r['lr']:g} | {100 * r['target']:g}% | {r['eval_steps']} | {r['threads']} |"
+        setting = (f"| {name} | {r['lr']:g} | {r.get('date', 'earlier')} | {100 * r['target']:g}% | "
+                   f"{r['eval_steps']} | {r['threads']} |")
         if hit:
             lines.append(f"{setting} {hit['step']} ({hit['epoch']:.2f}) | "
                          f"{100 * hit['accuracy']:.1f} | {hit['train_seconds']:.0f} | {hit['wall_seconds']:.0f} | "

@@ -11,6 +11,10 @@ present, so the runs can be spread over sittings.
 
     python benchmarks/time_to_accuracy.py                        # adakron, lora, full (about an hour, 1 core)
     python benchmarks/time_to_accuracy.py --methods adakron --target 0.8
+    python benchmarks/time_to_accuracy.py --methods adakron,lora --again   # a new measurement, interleaved
+
+`adakron` is the library's default recipe, `adakron-paper` the authors' (`adakron train --recipe paper`).
+Timings on a shared machine move with its load: compare methods measured in one sitting (`--again`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "time_to_accuracy"
-GRID_KEYS = {"adakron": "adakron16", "lora": "lora", "full": "full"}
+# Each method's row of the quality grid, whose MRPC selection gives its lr; and `adakron train`'s method, recipe.
+GRID_KEYS = {"adakron": "adakron16-default", "adakron-paper": "adakron16", "lora": "lora", "full": "full"}
+TRAIN = {"adakron": ("adakron", "default"), "adakron-paper": ("adakron", "paper"), "lora": ("lora", "default"),
+         "full": ("full", "default")}
 
 
 class StopAtTarget(TrainerCallback):
@@ -67,16 +74,29 @@ def run(method: str, lr: float, args) -> dict:
     scratch = HERE.parent / "runs" / "time_to_accuracy" / method
     stopper = StopAtTarget(args.target)
     print(f"== {method} lr {lr:g}", flush=True)
-    results = fit(TrainArgs(task="sst2", data_dir=str(args.data_dir), method=method, lr=lr, seed=args.seed,
+    method_, recipe = TRAIN[method]
+    results = fit(TrainArgs(task="sst2", data_dir=str(args.data_dir), method=method_, recipe=recipe, lr=lr,
+                            seed=args.seed,
                             eval_steps=args.eval_steps, output_dir=str(scratch), overwrite=True, plot=False),
                   callbacks=[stopper])
     shutil.rmtree(scratch, ignore_errors=True)
     reached = next((point for point in stopper.curve if point["accuracy"] >= args.target), None)
     import torch
 
-    return {"method": method, "lr": lr, "target": args.target, "eval_steps": args.eval_steps,
+    return {"method": method, "recipe": recipe, "date": time.strftime("%Y-%m-%d"), "lr": lr, "target": args.target,
+            "eval_steps": args.eval_steps,
             "seed": args.seed, "threads": torch.get_num_threads(), "trainable_params": results["trainable_params"],
             "reached": reached, "curve": stopper.curve}
+
+
+def result_path(method: str, lr: float, args) -> Path:
+    """The run's file; with --again the first free one of -2, -3, ... after the original."""
+    stem = f"sst2-{method}-lr{lr:g}-target{args.target:g}-s{args.seed}"
+    path, n = OUT / f"{stem}.json", 1
+    while args.again and path.exists():
+        n += 1
+        path = OUT / f"{stem}-{n}.json"
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--again", action="store_true",
+                        help="measure again beside the stored results (a new file each), e.g. to compare in one sitting")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(GRID_KEYS))
@@ -102,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if lr is None:
             print(f"skipping {method}: its MRPC learning-rate runs have not finished (python benchmarks/glue.py)")
             continue
-        path = OUT / f"sst2-{method}-lr{lr:g}-target{args.target:g}-s{args.seed}.json"
+        path = result_path(method, lr, args)
         if path.exists():
             continue
         result = run(method, lr, args)

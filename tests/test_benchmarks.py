@@ -4,6 +4,7 @@ against a worker that outlived an edit of the library."""
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,3 +79,53 @@ def test_the_papers_recipe_in_the_grid_and_the_study_is_the_same_training():
 def test_the_recipe_screen_can_run_a_chosen_task_and_lr_order_first():
     order = recipe.screen_order(["id-bias1-down8"], ["mrpc"], [4e-3, 5e-4])
     assert order == [("mrpc", "id-bias1-down8", 4e-3), ("mrpc", "id-bias1-down8", 5e-4)]
+
+
+def _resolved(task, method):
+    from adakron.training.recipes import RECIPES, with_recipe
+
+    args = glue.train_args(task, method, 42, 2e-3, SimpleNamespace(data_dir="d", quick=False, max_train_samples=None,
+                                                                   max_eval_samples=None), Path("out"))
+    return {k: v for k, v in asdict(with_recipe(args, RECIPES[task])).items() if k != "recipe"}
+
+
+def test_the_grid_adopts_only_twins_that_train_exactly_as_its_own_method_would():
+    for key, (folder, twin_key) in glue.TWINS.items():
+        assert folder == "recipe"
+        assert _resolved("mrpc", glue.METHODS[key]) == _resolved("mrpc", recipe.CANDIDATES[twin_key])
+
+
+def test_a_twin_run_is_adopted_under_the_grids_key_and_says_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(glue, "RESULTS", tmp_path)
+    key, (folder, twin_key) = next(iter(glue.TWINS.items()))
+    (tmp_path / folder).mkdir()
+    twin = tmp_path / folder / f"mrpc-{twin_key}-s42-lr0.002.json"
+    twin.write_text(json.dumps({"method_key": twin_key, "hyperparameters": {"epochs": glue.EPOCHS["mrpc"]}}))
+    (tmp_path / "glue").mkdir()
+    result = glue.run_one("mrpc", glue.METHODS[key], 42, 2e-3, SimpleNamespace(quick=False), tmp_path / "glue")
+    assert result["method_key"] == key and result["reused_from"] == f"{folder}/{twin.name}"
+    assert json.loads((tmp_path / "glue" / f"mrpc-{key}-s42-lr0.002.json").read_text()) == result
+
+
+def test_measuring_time_to_accuracy_again_files_a_new_result_beside_the_stored_one(tmp_path, monkeypatch):
+    import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "OUT", tmp_path)
+    args = SimpleNamespace(target=0.85, seed=42, again=False)
+    first = time_to_accuracy.result_path("adakron", 2e-3, args)
+    first.write_text("{}")
+    assert time_to_accuracy.result_path("adakron", 2e-3, args) == first  # stored: skipped
+    args.again = True
+    second = time_to_accuracy.result_path("adakron", 2e-3, args)
+    assert second.name == "sst2-adakron-lr0.002-target0.85-s42-2.json"
+    second.write_text("{}")
+    assert time_to_accuracy.result_path("adakron", 2e-3, args).name.endswith("-3.json")
+
+
+def test_time_to_accuracy_runs_each_adakron_recipe_at_its_own_grid_rows_lr():
+    import time_to_accuracy
+
+    assert set(time_to_accuracy.GRID_KEYS) == set(time_to_accuracy.TRAIN)
+    for method, key in time_to_accuracy.GRID_KEYS.items():
+        assert glue.METHODS[key].method == time_to_accuracy.TRAIN[method][0]
+        assert glue.METHODS[key].recipe == time_to_accuracy.TRAIN[method][1] or glue.METHODS[key].method != "adakron"

@@ -25,7 +25,7 @@ SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[Healt
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = tiny_model("bert")
-    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, initializer_range=0.3), name="a")
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, init="reference", initializer_range=0.3), name="a")
     folder = tmp_path_factory.mktemp("ckpt") / "a"
     adakron.save_adapter(model, folder, name="a")
     return folder, {k: v.clone() for k, v in adapter_state_dict(model, "a").items()}

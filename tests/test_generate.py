@@ -23,7 +23,7 @@ def two_adapter_model(tie: bool = True, head_modules=None):
     tokenizer = tiny_tokenizer()
     model = tiny_causal_lm(tokenizer, tie=tie)
     for name in ("a", "b"):
-        adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, initializer_range=1.0, head_modules=head_modules),
+        adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, init="reference", initializer_range=1.0, head_modules=head_modules),
                             name=name)
     return model, tokenizer
 

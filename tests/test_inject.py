@@ -129,7 +129,7 @@ def test_pattern_matching_only_non_linear_modules_is_rejected():
 def test_unload_restores_the_original_modules_and_outputs(family):
     model, batch = tiny_model(family), tiny_batch(family)
     keys, base = set(model.state_dict()), model(**batch).logits
-    adakron.add_adapter(model, AdaKronConfig(initializer_range=0.5))
+    adakron.add_adapter(model, AdaKronConfig(init="reference", initializer_range=0.5))
     adakron.add_adapter(model, AdaKronConfig(), name="second")
     adakron.unload(model)
     assert set(model.state_dict()) == keys

@@ -48,7 +48,8 @@ def work(tmp_path_factory):
     model = tiny_causal_lm(tokenizer)
     for seed, name in enumerate(ADAPTERS):
         torch.manual_seed(seed)
-        adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, head_modules=(), initializer_range=1.0), name=name)
+        config = adakron.AdaKronConfig(rank=8, head_modules=(), init="reference", initializer_range=1.0)
+        adakron.add_adapter(model, config, name=name)
         adakron.save_adapter(model, base / name, name=name)
     reference = tiny_causal_lm(tokenizer)
     for name in ADAPTERS:

@@ -10,8 +10,10 @@ from adakron.adapters.optim import parameter_groups
 
 def _model(kron_factor=4):
     model = tiny_model("bert")
-    # A large init: with 0.02 the gradients of the three-factor product are ~1e-9, below Adam's eps.
-    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, kron_factor=kron_factor, initializer_range=0.5))
+    # The reference init, large: every factor gets a gradient at step 0 (B = 0 would leave u and v without one),
+    # and with 0.02 the gradients of the three-factor product are ~1e-9, below Adam's eps.
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, kron_factor=kron_factor, init="reference",
+                                                     initializer_range=0.5))
     return model
 
 

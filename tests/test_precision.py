@@ -13,7 +13,7 @@ from adakron.adapters.layer import TaskHeads
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_backbone_keeps_fp32_adapters_and_heads_and_its_own_output_dtype(dtype):
     model = tiny_model("bert").to(dtype)
-    adakron.add_adapter(model, AdaKronConfig(initializer_range=0.3))
+    adakron.add_adapter(model, AdaKronConfig(init="reference", initializer_range=0.3))
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".heads." in n for n in trained)  # the classifier and pooler copies
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -36,7 +36,7 @@ def test_half_precision_identity_adapter_keeps_base_logits_up_to_bf16_rounding()
 
 
 def test_torch_compile_matches_eager_forward_and_backward():
-    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(initializer_range=0.3)).train()
+    model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(init="reference", initializer_range=0.3)).train()
     model.config.hidden_dropout_prob = 0.0
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -57,7 +57,7 @@ def test_torch_compile_matches_eager_forward_and_backward():
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients():
     def grads(checkpointing):
-        model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(initializer_range=0.3)).train()
+        model = adakron.add_adapter(tiny_model("bert"), AdaKronConfig(init="reference", initializer_range=0.3)).train()
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0

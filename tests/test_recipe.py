@@ -20,6 +20,25 @@ def test_default_recipe_reads_its_values_from_the_config_and_optim_defaults():
     assert (default.down_lr_ratio, default.up_lr_ratio) == (DOWN_LR_RATIO, UP_LR_RATIO)
 
 
+def test_the_default_recipe_starts_from_the_base_model_with_an_open_outer_path_and_slow_down_projections():
+    """The study's winner (benchmarks/recipe.py, RESULTS.md): B = 0, a1 = 1, u and v at lr/8; exact values."""
+    args = with_recipe(TrainArgs(), OWN_DATA_RECIPE)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("identity", 1.0, 0.125, 1.0)
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron_config(args))
+    adapter = next(m for m in model.modules() if isinstance(m, KronAdapter))
+    f = adapter.outer
+    assert torch.count_nonzero(adapter.adakron_up.weight) == 0 and torch.count_nonzero(adapter.adakron_up.bias) == 0
+    assert torch.equal(adapter.adakron_down.bias[:f], torch.ones(f))
+    assert torch.count_nonzero(adapter.adakron_down.bias[f:]) == 0
+    rates = {id(p): g["lr"] for g in parameter_groups(model, 2e-3, 0.1, args.down_lr_ratio, args.up_lr_ratio)
+             for p in g["params"]}
+    assert rates[id(adapter.adakron_down.weight)] == rates[id(adapter.adakron_down.bias)] == 2e-3 / 8
+    assert rates[id(adapter.adakron_up.weight)] == 2e-3
+    head = dict(model.named_parameters())["classifier.heads.default.weight"]
+    assert rates[id(head)] == 2e-3
+
+
 def test_paper_recipe_is_the_authors_init_and_one_lr():
     paper = with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)
     assert (paper.init, paper.outer_bias, paper.down_lr_ratio, paper.up_lr_ratio) == ("reference", 0.0, 1.0, 1.0)
@@ -67,12 +86,14 @@ def test_paper_recipe_groups_are_what_the_trainer_builds_itself(tmp_path):
     exactly as the authors' code (and as this library did before it had parameter groups)."""
     from transformers import Trainer, TrainingArguments
 
+    paper = ADAPTER_RECIPES["paper"]
     model = tiny_model("bert")
-    adakron.add_adapter(model, AdaKronConfig(rank=8))
+    adakron.add_adapter(model, AdaKronConfig(rank=8, init=paper.init, outer_bias=paper.outer_bias))
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-3,
                                                           weight_decay=0.1, report_to="none", use_cpu=True))
     theirs = {id(p): (g["lr"], g["weight_decay"]) for g in trainer.create_optimizer().param_groups for p in g["params"]}
-    ours = {id(p): (g["lr"], g["weight_decay"]) for g in parameter_groups(model, 2e-3, 0.1) for p in g["params"]}
+    groups = parameter_groups(model, 2e-3, 0.1, paper.down_lr_ratio, paper.up_lr_ratio)
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert ours == theirs
 
 
@@ -90,7 +111,7 @@ def test_an_adapter_saved_before_the_recipe_knobs_and_experts_existed_loads_unch
     from conftest import tiny_batch
 
     model = tiny_model("bert")
-    adakron.add_adapter(model, AdaKronConfig(rank=8, initializer_range=0.3), name="old")
+    adakron.add_adapter(model, AdaKronConfig(rank=8, init="reference", initializer_range=0.3), name="old")
     expected = model.eval()(**tiny_batch()).logits
     adakron.save_adapter(model, tmp_path / "old", name="old")
     config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())

@@ -70,7 +70,7 @@ def work(tmp_path_factory):
     model = tiny_model(seed=0)
     for seed, (name, (labels, columns)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(seed)
-        adakron.add_adapter(model, AdaKronConfig(num_labels=labels, initializer_range=0.3), name=name)
+        adakron.add_adapter(model, AdaKronConfig(num_labels=labels, init="reference", initializer_range=0.3), name=name)
         with torch.no_grad():  # a decisive head, so labels are not near-ties
             for p in task_heads(model)[0].heads[name].parameters():
                 p.normal_(0.0, 1.0)

@@ -146,7 +146,7 @@ def test_an_unmerged_madakron_adapter_is_served_merged(work, tmp_path):  # noqa:
     from conftest import tiny_model
 
     model = tiny_model(seed=0)
-    adakron.add_adapter(model, AdaKronConfig(num_labels=3, num_experts=4, initializer_range=0.3), name="moe")
+    adakron.add_adapter(model, AdaKronConfig(num_labels=3, num_experts=4, init="reference", initializer_range=0.3), name="moe")
     adakron.save_adapter(model, tmp_path / "moe", name="moe")
     (tmp_path / "moe" / "task.json").write_text(json.dumps({"task": "moe", "text_columns": ["sentence"],
                                                            "max_length": 24, "base_model": ""}))

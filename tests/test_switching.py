@@ -13,7 +13,7 @@ def _multi(tmp_path, family="bert"):
     model = tiny_model(family)
     for seed, (name, labels) in enumerate(HEADS.items()):
         torch.manual_seed(seed)
-        adakron.add_adapter(model, AdaKronConfig(num_labels=labels, initializer_range=0.3), name=name)
+        adakron.add_adapter(model, AdaKronConfig(num_labels=labels, init="reference", initializer_range=0.3), name=name)
         adakron.save_adapter(model, tmp_path / name, name=name)
     return model
 

@@ -54,12 +54,16 @@ def build_parser() -> Parser:
     method.add_argument("--recipe", default=DEFAULTS["recipe"], choices=list(ADAPTER_RECIPES),
                         help="adakron/adapter recipe: 'default' (this library's, see README) or 'paper' (the "
                              "authors' code: their init, one lr for everything); the four flags below override it")
-    method.add_argument("--init", choices=list(INITS), help="'reference': every adapter weight N(0, 0.02) (paper); "
-                        "'identity': up-projection zeroed, so training starts from the base model")
-    method.add_argument("--outer-bias", type=float, help="initial bias of the f-wide outer factor u (paper: 0)")
-    method.add_argument("--down-lr-ratio", type=float,
-                        help="the down-projections (u, v) train at --lr times this (paper: 1)")
-    method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this (paper: 1)")
+    ours, paper = ADAPTER_RECIPES["default"], ADAPTER_RECIPES["paper"]
+    method.add_argument("--init", choices=list(INITS), help="'identity': up-projection zeroed, so training starts "
+                        "from the base model; 'reference': every adapter weight N(0, 0.02) "
+                        f"(default: {ours.init}; paper: {paper.init})")
+    method.add_argument("--outer-bias", type=float, help="initial bias of the f-wide outer factor u "
+                        f"(default: {ours.outer_bias:g}; paper: {paper.outer_bias:g})")
+    method.add_argument("--down-lr-ratio", type=float, help="the down-projections (u, v) train at --lr times this "
+                        f"(default: {ours.down_lr_ratio:g}; paper: {paper.down_lr_ratio:g})")
+    method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
+                        f"(default: {ours.up_lr_ratio:g}; paper: {paper.up_lr_ratio:g})")
     method.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"],
                         help="MAdaKron: experts per down-projection, one drawn per step, merged for evaluation and "
                              "in the saved adapter (its experts are kept in <output-dir>/experts); 1 = AdaKron")
