@@ -127,15 +127,12 @@ def sst2_lines(results: list[dict]) -> list[str]:
            "a label.")
     header = ("| method | dev accuracy % | predicted positive % | mean margin (nats) | trainable params | "
               "train s (s/step) | train loss: first step → last 10 | eval s |")
-    lines += [how, ""]
-    for runs in _groups(results).values():
-        lines += [*_recipe_line(runs), header, "|---" * 8 + "|"]
-        for r in runs:
-            positive = 100 * r["predicted_share"]["positive"]
-            lines.append(f"| {_name(r)} | {100 * r['dev_accuracy']:.1f} | {positive:.0f} | "
-                         f"{r['mean_margin_nats']:.2f} | {_params(r)} | {_train_cells(r)} | {r['eval_seconds']:.0f} |")
-        lines.append("")
-    return lines
+
+    def row(r: dict, runs: list[dict]) -> str:
+        return (f"| {_name(r)} | {100 * r['dev_accuracy']:.1f} | {100 * r['predicted_share']['positive']:.0f} | "
+                f"{r['mean_margin_nats']:.2f} | {_params(r)} | {_train_cells(r)} | {r['eval_seconds']:.0f} |")
+
+    return [*lines, how, "", *_tables(_groups(results).values(), header, row)]
 
 
 def alpaca_lines(results: list[dict]) -> list[str]:
@@ -148,16 +145,21 @@ def alpaca_lines(results: list[dict]) -> list[str]:
            f"token-mean NLL of the completions ({first['held_out_tokens']:,} tokens), given their prompts.")
     header = ("| method | held-out loss | vs untrained | trainable params | train s (s/step) | "
               "train loss: first step → last 10 |")
-    lines += [how, ""]
+
+    def row(r: dict, runs: list[dict]) -> str:
+        base = next((b["held_out_loss"] for b in runs if b["method"] == "base"), None)
+        delta = f"{r['held_out_loss'] - base:+.3f}" if base is not None else "–"
+        return f"| {_name(r)} | {r['held_out_loss']:.3f} | {delta} | {_params(r)} | {_train_cells(r)} |"
+
     groups = _groups(results)
-    for runs in groups.values():
-        lines += [*_recipe_line(runs), header, "|---" * 6 + "|"]
-        base = next((r["held_out_loss"] for r in runs if r["method"] == "base"), None)
-        for r in runs:
-            delta = f"{r['held_out_loss'] - base:+.3f}" if base is not None else "–"
-            lines.append(f"| {_name(r)} | {r['held_out_loss']:.3f} | {delta} | {_params(r)} | {_train_cells(r)} |")
-        lines.append("")
-    return lines + _samples(list(groups.values())[-1])
+    return [*lines, how, "", *_tables(groups.values(), header, row), *_samples(list(groups.values())[-1])]
+
+
+def _tables(groups, header: str, row) -> list[str]:
+    """One table per recipe the runs were made with: that recipe, the header, then ``row(run, its group)``."""
+    columns = header.count("|") - 1
+    return [line for runs in groups
+            for line in (*_recipe_line(runs), header, "|---" * columns + "|", *(row(r, runs) for r in runs), "")]
 
 
 def _cell(text: str) -> str:

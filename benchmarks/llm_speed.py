@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from speed_memory import reset_peak_rss, status_kib
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ("Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
@@ -134,24 +135,6 @@ def memory_result(child: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} is not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux), so the peak is the steps' alone; False where refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def random_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict:
     """Token ids drawn with a fixed seed, learned whole (labels = inputs): every method sees the same batch."""
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
@@ -187,14 +170,14 @@ def memory_child(method: str, quick: bool, batch_size: int, seq_len: int, steps:
     model.train()
     resident(model)
     gc.collect()
-    before = _status_kib("VmRSS") * 1024
-    exact = _reset_peak_rss()
+    before = status_kib("VmRSS") * 1024
+    exact = reset_peak_rss()
     seconds = []
     for _ in range(steps):
         started = time.perf_counter()
         train_step(model, optimizer, schedule, batch)
         seconds.append(time.perf_counter() - started)
-    peak = _status_kib("VmHWM") * 1024 if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_kib("VmHWM") * 1024 if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     how = ("VmHWM after writing 5 to /proc/self/clear_refs" if exact else
            "ru_maxrss (the peak could not be reset: it includes loading the model)") + "; before = VmRSS"
     return {"method": method, "before_bytes": before, "peak_bytes": peak, "increase_bytes": peak - before,

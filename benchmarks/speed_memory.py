@@ -23,7 +23,8 @@ from speed_methods import Trainee, log, random_batch
 SPEED = Path(__file__).resolve().with_name("speed.py")  # the memory child is speed.py's hidden --_memory-child
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status (Linux), e.g. VmRSS or VmHWM, in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -31,7 +32,8 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux), so a peak read next is of what ran since; False where refused."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -47,7 +49,7 @@ def memory_child(args) -> dict:
 
     import adakron.training.trainer  # noqa: F401
 
-    rss_start = _status_kib("VmRSS") * 1024
+    rss_start = status_kib("VmRSS") * 1024
     trainee = Trainee(model_name, method, args)
     batch = random_batch(trainee.model, args.batch_size, args.seq_len, args.device, args.seed)
     gc.collect()
@@ -61,15 +63,15 @@ def memory_child(args) -> dict:
         peak = torch.cuda.max_memory_allocated()
         how = "torch.cuda.max_memory_allocated after reset_peak_memory_stats; before = memory_allocated"
     else:
-        before = _status_kib("VmRSS") * 1024
-        if _reset_peak_rss():
+        before = status_kib("VmRSS") * 1024
+        if reset_peak_rss():
             how = "VmHWM after writing 5 to /proc/self/clear_refs; before = VmRSS"
         else:
             how = "ru_maxrss (peak RSS reset refused: includes the model-loading peak); before = VmRSS"
         for _ in range(args.memory_steps):
             trainee.step(batch)
         if how.startswith("VmHWM"):
-            peak = _status_kib("VmHWM") * 1024
+            peak = status_kib("VmHWM") * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "model": model_name, "rss_at_start_bytes": rss_start, "before_bytes": before,
@@ -151,7 +153,7 @@ class MeasuredBuild:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated()
-        return _status_kib("VmRSS") * 1024
+        return status_kib("VmRSS") * 1024
 
     def __call__(self, method: str) -> Trainee:
         args = self.args
@@ -169,7 +171,7 @@ class MeasuredBuild:
             how = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, in the timing process after "
                    "warm-up, gradients and optimizer state freed; other methods' memory subtracted")
         else:
-            if _reset_peak_rss():
+            if reset_peak_rss():
                 how = "in-process VmHWM after clear_refs, approximate: other methods' RSS subtracted, not their frees"
             else:
                 how = "in-process ru_maxrss (peak RSS reset refused): every earlier method's peak, not comparable"
@@ -179,7 +181,7 @@ class MeasuredBuild:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         elif how.startswith("in-process VmHWM"):
-            peak = _status_kib("VmHWM") * 1024
+            peak = status_kib("VmHWM") * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.rows[method] = {
