@@ -1,5 +1,5 @@
 """The FastAPI apps: request limits, routes, and errors as JSON. A classifier gets the adakron API
-(``/v1/predict``, ``/v1/adapters``); a causal LM gets the OpenAI one (``openai.py``)."""
+(``/v1/predict``, ``/v1/adapters``); a causal LM gets the OpenAI one (``openai/``)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .schemas import (
     ServeError,
     error_body,
 )
+from .worker import BatchWorker
 
 DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_CHARS = 4096
@@ -159,6 +160,20 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
+def _lifespan(worker: BatchWorker):
+    """The app's lifespan: ``worker`` runs while the app serves (its stop answers what is left with a 503)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.stop()
+
+    return lifespan
+
+
 def generates_text(model: nn.Module) -> bool:
     """Whether ``model`` is a causal LM (``...ForCausalLM``, GPT-2's ``...LMHeadModel``): it gets the OpenAI
     routes. The model's class decides, as its config's architectures do for ``models.is_causal_lm``."""
@@ -204,15 +219,7 @@ def create_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | Path]
     batcher = MicroBatcher(engine, max_wait_ms / 1000.0, max_batch)
     limits = Limits(max_rows, max_chars)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
-
-    app = FastAPI(title="adakron", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="adakron", version=__version__, lifespan=_lifespan(batcher),
                   description="Many AdaKron adapters on one frozen backbone; requests for different adapters "
                               "share forward passes.")
     app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
@@ -313,15 +320,7 @@ def _create_lm_app(model: nn.Module, tokenizer: Any, adapters: dict[str, str | P
         temperature=float(temperature) if isinstance(temperature, (int, float)) and 0 <= temperature <= 2 else 1.0,
         top_p=float(top_p) if isinstance(top_p, (int, float)) and 0 < top_p <= 1 else 1.0)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await generator.start()
-        try:
-            yield
-        finally:
-            await generator.stop()
-
-    app = FastAPI(title="adakron", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="adakron", version=__version__, lifespan=_lifespan(generator),
                   description="An OpenAI-compatible server for a causal LM and its AdaKron adapters: the request's "
                               "`model` names the adapter, and requests for different adapters are decoded together.")
     app.state.engine, app.state.generator, app.state.limits = engine, generator, limits
