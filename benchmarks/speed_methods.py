@@ -177,6 +177,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def optimizer_groups(model: nn.Module, method: str, params: list) -> list[dict]:
+    """What `adakron train` gives AdamW: for the adapter methods its per-factor groups (the default recipe's lr
+    ratios and weight decay), so their cost is in every step measured; one group for the others."""
+    if method not in ("adakron", "madakron", "adapter"):
+        return [{"params": params, "lr": LR}]
+    from adakron.training.recipes import ADAPTER_RECIPES, TrainArgs
+
+    recipe = ADAPTER_RECIPES["default"]
+    return adakron.parameter_groups(model, LR, TrainArgs().weight_decay, recipe.down_lr_ratio, recipe.up_lr_ratio)
+
+
 class Trainee:
     """One method's model and AdamW optimizer (trainable parameters only), kept alive across steps."""
 
@@ -186,7 +197,7 @@ class Trainee:
         compile_model(self.model, getattr(args, "compile", None), getattr(args, "compile_backend", "inductor"))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable, self.total = adakron.trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR)
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, method, self.params))
         self.device, self.bf16 = args.device, args.bf16
 
     def autocast(self):

@@ -129,3 +129,8 @@ def test_time_to_accuracy_runs_each_adakron_recipe_at_its_own_grid_rows_lr():
     for method, key in time_to_accuracy.GRID_KEYS.items():
         assert glue.METHODS[key].method == time_to_accuracy.TRAIN[method][0]
         assert glue.METHODS[key].recipe == time_to_accuracy.TRAIN[method][1] or glue.METHODS[key].method != "adakron"
+
+
+def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways():
+    for key, (folder, twin_key) in glue.TWINS.items():
+        assert recipe.GLUE_KEYS[twin_key] == key
