@@ -93,3 +93,12 @@ def sentiment_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> li
         rng.shuffle(words)
         rows.append([" ".join(words), labels[int(positive)]])
     return rows
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, then torch's setting as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,12 +32,8 @@ CHAT = [{"role": "system", "content": "you are a poem"}, {"role": "user", "conte
 N = 12  # tokens per answer in most tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for these tiny models, set for the module and restored after it.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,8 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvw
 assert len(VOCAB) <= 99  # the tiny model's vocabulary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for these tiny models, set for the module and restored after it.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sentence(rng: random.Random) -> str:
