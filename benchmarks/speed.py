@@ -74,7 +74,19 @@ import transformers
 from speed_epoch import epoch_cost
 from speed_measure import inference, step_times
 from speed_memory import MeasuredBuild, memory_child, peak_memory
-from speed_methods import EXTRA_METHODS, COMPILE_MODES, KRON_FACTOR, LLAMA_SIZES, LORA_ALPHA, LORA_R, LR, METHODS, MODELS, RANK, log
+from speed_methods import (
+    COMPILE_MODES,
+    EXTRA_METHODS,
+    KRON_FACTOR,
+    LLAMA_SIZES,
+    LORA_ALPHA,
+    LORA_R,
+    METHODS,
+    MODELS,
+    OPTIMIZER,
+    RANK,
+    log,
+)
 from speed_profile import profile
 from speed_report import goals, machine, markdown
 
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "memory_steps",
                                               "infer_reps", "infer_extra", "methods", "seed")}
     settings.update(rank=RANK, kron_factor=KRON_FACTOR, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.1,
-                    optimizer=f"torch.optim.AdamW(lr={LR}) over trainable parameters",
+                    optimizer=OPTIMIZER,
                     head="pooler and classifier (every method but full: as adakron's head_names)")
     if args.compile:
         settings["compile"] = f"torch.compile per {'layer' if args.compile == 'layers' else 'model'}, " \

@@ -177,6 +177,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+OPTIMIZER = (f"torch.optim.AdamW(lr={LR}): adakron, madakron and adapter over adakron.parameter_groups (the default "
+             "recipe's per-factor lrs, as adakron train), the others over their trainable parameters")
+
+
 def optimizer_groups(model: nn.Module, method: str, params: list) -> list[dict]:
     """What `adakron train` gives AdamW: for the adapter methods its per-factor groups (the default recipe's lr
     ratios and weight decay), so their cost is in every step measured; one group for the others."""
