@@ -121,3 +121,13 @@ def test_an_adapter_saved_before_the_recipe_knobs_and_experts_existed_loads_unch
     fresh = tiny_model("bert")
     adakron.load_adapter(fresh, tmp_path / "old")
     torch.testing.assert_close(fresh.eval()(**tiny_batch()).logits, expected, rtol=0, atol=0)
+
+
+def test_a_causal_lm_keeps_the_recipe_it_shipped_with_base_model_start_no_outer_bias_one_lr():
+    """The recipe study ran on encoders only: a causal LM's default is B = 0 with the authors' other knobs."""
+    from adakron.training.recipes import CAUSAL_LM_RECIPE
+
+    args = with_recipe(TrainArgs(), CAUSAL_LM_RECIPE, causal_lm=True)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("identity", 0.0, 1.0, 1.0)
+    paper = with_recipe(TrainArgs(recipe="paper"), CAUSAL_LM_RECIPE, causal_lm=True)
+    assert (paper.init, paper.outer_bias) == ("reference", 0.0)
