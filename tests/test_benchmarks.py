@@ -134,3 +134,7 @@ def test_time_to_accuracy_runs_each_adakron_recipe_at_its_own_grid_rows_lr():
 def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways():
     for key, (folder, twin_key) in glue.TWINS.items():
         assert recipe.GLUE_KEYS[twin_key] == key
+
+
+def test_every_recipe_candidate_is_described_in_the_results():
+    assert set(recipe.DESCRIPTIONS) == set(recipe.CANDIDATES)
