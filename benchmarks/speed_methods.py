@@ -177,7 +177,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-OPTIMIZER = (f"torch.optim.AdamW(lr={LR}): adakron, madakron and adapter over adakron.parameter_groups (the default "
+OPTIMIZER = (f"torch.optim.AdamW(lr={LR}): adakron, madakron and adapter over adakron.parameter_groups (their default "
              "recipe's per-factor lrs, as adakron train), the others over their trainable parameters")
 
 
@@ -186,9 +186,9 @@ def optimizer_groups(model: nn.Module, method: str, params: list) -> list[dict]:
     ratios and weight decay), so their cost is in every step measured; one group for the others."""
     if method not in ("adakron", "madakron", "adapter"):
         return [{"params": params, "lr": LR}]
-    from adakron.training.recipes import ADAPTER_RECIPES, TrainArgs
+    from adakron.training.recipes import TrainArgs, adapter_recipe
 
-    recipe = ADAPTER_RECIPES["default"]
+    recipe = adapter_recipe("default", method="adapter" if method == "adapter" else "adakron")
     return adakron.parameter_groups(model, LR, TrainArgs().weight_decay, recipe.down_lr_ratio, recipe.up_lr_ratio)
 
 

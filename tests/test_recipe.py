@@ -131,3 +131,11 @@ def test_a_causal_lm_keeps_the_recipe_it_shipped_with_base_model_start_no_outer_
     assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("identity", 0.0, 1.0, 1.0)
     paper = with_recipe(TrainArgs(recipe="paper"), CAUSAL_LM_RECIPE, causal_lm=True)
     assert (paper.init, paper.outer_bias) == ("reference", 0.0)
+
+
+def test_the_plain_adapter_keeps_the_authors_recipe_it_was_measured_with():
+    """The study was of AdaKron's three-factor product; `--method adapter` keeps one lr and the reference init."""
+    args = with_recipe(TrainArgs(method="adapter"), OWN_DATA_RECIPE)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 0.0, 1.0, 1.0)
+    assert adakron_config(TrainArgs(method="adapter")).init == "reference"
+    assert with_recipe(TrainArgs(method="adapter", init="identity"), OWN_DATA_RECIPE).init == "identity"
