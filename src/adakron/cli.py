@@ -57,11 +57,11 @@ def build_parser() -> Parser:
     ours, paper = ADAPTER_RECIPES["default"], ADAPTER_RECIPES["paper"]
     method.add_argument("--init", choices=list(INITS), help="'identity': up-projection zeroed, so training starts "
                         "from the base model; 'reference': every adapter weight N(0, 0.02) "
-                        f"(default: {ours.init}; paper: {paper.init})")
+                        f"(adakron default: {ours.init}; paper and --method adapter: {paper.init})")
     method.add_argument("--outer-bias", type=float, help="initial bias of the f-wide outer factor u "
-                        f"(default: {ours.outer_bias:g}; paper: {paper.outer_bias:g})")
+                        f"(adakron default: {ours.outer_bias:g}; paper: {paper.outer_bias:g})")
     method.add_argument("--down-lr-ratio", type=float, help="the down-projections (u, v) train at --lr times this "
-                        f"(default: {ours.down_lr_ratio:g}; paper: {paper.down_lr_ratio:g})")
+                        f"(adakron default: {ours.down_lr_ratio:g}; paper and --method adapter: {paper.down_lr_ratio:g})")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
                         f"(default: {ours.up_lr_ratio:g}; paper: {paper.up_lr_ratio:g})")
     method.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"],
