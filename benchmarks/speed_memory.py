@@ -42,6 +42,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def peak_over_steps(trainee: Trainee, batch: dict, steps: int, cuda: bool) -> tuple[int, str]:
+    """The peak memory (bytes) while ``steps`` training steps run, and the counter read: "cuda" (exact),
+    "VmHWM" (the peak RSS since it was reset) or "ru_maxrss" (where the reset is refused: the process's peak)."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        counter = "cuda"
+    else:
+        counter = "VmHWM" if reset_peak_rss() else "ru_maxrss"
+    for _ in range(steps):
+        trainee.step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), counter
+    if counter == "VmHWM":
+        return status_kib("VmHWM") * 1024, counter
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, counter
+
+
 def memory_child(args) -> dict:
     """Runs in its own process: the peak memory of a few training steps of one method on one model."""
     model_name, method = args.models[0], args.methods[0]
@@ -53,27 +71,16 @@ def memory_child(args) -> dict:
     trainee = Trainee(model_name, method, args)
     batch = random_batch(trainee.model, args.batch_size, args.seq_len, args.device, args.seed)
     gc.collect()
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.memory_steps):
-            trainee.step(batch)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        how = "torch.cuda.max_memory_allocated after reset_peak_memory_stats; before = memory_allocated"
     else:
         before = status_kib("VmRSS") * 1024
-        if reset_peak_rss():
-            how = "VmHWM after writing 5 to /proc/self/clear_refs; before = VmRSS"
-        else:
-            how = "ru_maxrss (peak RSS reset refused: includes the model-loading peak); before = VmRSS"
-        for _ in range(args.memory_steps):
-            trainee.step(batch)
-        if how.startswith("VmHWM"):
-            peak = status_kib("VmHWM") * 1024
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, counter = peak_over_steps(trainee, batch, args.memory_steps, cuda)
+    how = {"cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats; before = memory_allocated",
+           "VmHWM": "VmHWM after writing 5 to /proc/self/clear_refs; before = VmRSS",
+           "ru_maxrss": "ru_maxrss (peak RSS reset refused: includes the model-loading peak); before = VmRSS"}[counter]
     return {"method": method, "model": model_name, "rss_at_start_bytes": rss_start, "before_bytes": before,
             "peak_bytes": peak, "increase_bytes": peak - before, "steps": args.memory_steps, "how": how,
             "trainable_params": trainee.trainable, **accounted_bytes(trainee, batch)}
@@ -166,24 +173,13 @@ class MeasuredBuild:
         trainee.optimizer.zero_grad(set_to_none=True)
         trainee.optimizer.state.clear()  # AdamW builds it again at the next step, as at the first
         before = self._now()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            how = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, in the timing process after "
-                   "warm-up, gradients and optimizer state freed; other methods' memory subtracted")
-        else:
-            if reset_peak_rss():
-                how = "in-process VmHWM after clear_refs, approximate: other methods' RSS subtracted, not their frees"
-            else:
-                how = "in-process ru_maxrss (peak RSS reset refused): every earlier method's peak, not comparable"
-        for _ in range(args.memory_steps):
-            trainee.step(batch)
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        elif how.startswith("in-process VmHWM"):
-            peak = status_kib("VmHWM") * 1024
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak, counter = peak_over_steps(trainee, batch, args.memory_steps, self.cuda)
+        how = {"cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, in the timing process after "
+                       "warm-up, gradients and optimizer state freed; other methods' memory subtracted",
+               "VmHWM": "in-process VmHWM after clear_refs, approximate: other methods' RSS subtracted, "
+                        "not their frees",
+               "ru_maxrss": "in-process ru_maxrss (peak RSS reset refused): every earlier method's peak, "
+                            "not comparable"}[counter]
         self.rows[method] = {
             "method": method, "model": self.model_name, "rss_at_start_bytes": base, "before_bytes": before - base,
             "peak_bytes": peak - base, "increase_bytes": peak - before, "steps": args.memory_steps, "how": how,
