@@ -122,13 +122,19 @@ def test_measuring_time_to_accuracy_again_files_a_new_result_beside_the_stored_o
     assert time_to_accuracy.result_path("adakron", 2e-3, args).name.endswith("-3.json")
 
 
-def test_time_to_accuracy_runs_each_adakron_recipe_at_its_own_grid_rows_lr():
+def test_time_to_accuracy_trains_each_method_with_its_grid_rows_adapter():
     import time_to_accuracy
 
-    assert set(time_to_accuracy.GRID_KEYS) == set(time_to_accuracy.TRAIN)
+    from adakron.training.recipes import RECIPES, with_recipe
+
+    knobs = ("method", "rank", "kron_factor", "init", "outer_bias", "down_lr_ratio", "up_lr_ratio", "lr")
     for method, key in time_to_accuracy.GRID_KEYS.items():
-        assert glue.METHODS[key].method == time_to_accuracy.TRAIN[method][0]
-        assert glue.METHODS[key].recipe == time_to_accuracy.TRAIN[method][1] or glue.METHODS[key].method != "adakron"
+        args = SimpleNamespace(data_dir="d", seed=42, eval_steps=100)
+        timed = with_recipe(time_to_accuracy.train_args(method, 2e-3, args, Path("out")), RECIPES["sst2"])
+        grid = SimpleNamespace(data_dir="d", quick=False, max_train_samples=None, max_eval_samples=None)
+        row = with_recipe(glue.train_args("sst2", glue.METHODS[key], 42, 2e-3, grid, Path("out")), RECIPES["sst2"])
+        assert {k: getattr(timed, k) for k in knobs} == {k: getattr(row, k) for k in knobs}, method
+    assert time_to_accuracy.train_args("adakron-down8", 1e-3, args, Path("o")).down_lr_ratio == 0.125
 
 
 def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways():
