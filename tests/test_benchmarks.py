@@ -144,3 +144,12 @@ def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways
 
 def test_every_recipe_candidate_is_described_in_the_results():
     assert set(recipe.DESCRIPTIONS) == set(recipe.CANDIDATES)
+
+
+def test_each_methods_default_lr_is_the_one_the_glue_grid_chose_for_it_on_mrpc():
+    from adakron.training.recipes import METHOD_LR, PAPER_LR
+
+    rows = {"adakron": "adakron16-default", "adapter": "adapter", "lora": "lora"}
+    for method, key in rows.items():
+        assert METHOD_LR[method] == glue.chosen_lr(glue.METHODS[key], glue.RESULTS / "glue"), method
+    assert PAPER_LR == glue.chosen_lr(glue.METHODS["adakron16"], glue.RESULTS / "glue")

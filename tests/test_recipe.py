@@ -139,3 +139,14 @@ def test_the_plain_adapter_keeps_the_authors_recipe_it_was_measured_with():
     assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 0.0, 1.0, 1.0)
     assert adakron_config(TrainArgs(method="adapter")).init == "reference"
     assert with_recipe(TrainArgs(method="adapter", init="identity"), OWN_DATA_RECIPE).init == "identity"
+
+
+def test_a_run_without_lr_takes_its_methods_lr_and_the_flag_or_the_task_recipe_overrides_it():
+    from adakron.training.recipes import CAUSAL_LM_RECIPE, FULL_LR, METHOD_LR, PAPER_LR
+
+    for method, lr in METHOD_LR.items():
+        assert with_recipe(TrainArgs(method=method), OWN_DATA_RECIPE).lr == lr
+    assert with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE).lr == PAPER_LR
+    assert with_recipe(TrainArgs(method="full"), OWN_DATA_RECIPE).lr == FULL_LR
+    assert with_recipe(TrainArgs(lr=3e-4), OWN_DATA_RECIPE).lr == 3e-4
+    assert with_recipe(TrainArgs(), CAUSAL_LM_RECIPE, causal_lm=True).lr == CAUSAL_LM_RECIPE.lr == 5e-4

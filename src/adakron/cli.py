@@ -14,7 +14,7 @@ from .adapters.config import EXPERT_SITES, INITS, PLACEMENTS
 from .errors import Parser, UsageError
 from .training.generate import Sampling
 from .training.inference import BATCH_SIZE, PREDICTION_COLUMN, SCORE_COLUMN
-from .training.recipes import ADAPTER_RECIPES, METHODS, TrainArgs
+from .training.recipes import ADAPTER_RECIPES, CAUSAL_LM_RECIPE, FULL_LR, METHOD_LR, METHODS, PAPER_LR, TrainArgs
 
 # One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
 DEFAULTS = {f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}
@@ -78,7 +78,9 @@ def build_parser() -> Parser:
     method.add_argument("--lora-alpha", type=int, default=DEFAULTS["lora_alpha"])
     recipe = train.add_argument_group("recipe (defaults per task: see README)")
     recipe.add_argument("--epochs", type=float)
-    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--lr", type=float, help="the task head's learning rate (default: "
+                        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
+                        + f", adakron --recipe paper {PAPER_LR:g}, full {FULL_LR:g}; causal LMs {CAUSAL_LM_RECIPE.lr:g})")
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--max-length", type=int)
     recipe.add_argument("--warmup-ratio", type=float, default=DEFAULTS["warmup_ratio"])
