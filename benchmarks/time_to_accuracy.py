@@ -80,8 +80,8 @@ def run(method: str, lr: float, args) -> dict:
     reached = next((point for point in stopper.curve if point["accuracy"] >= args.target), None)
     import torch
 
-    return {"method": method, "recipe": _recipe(method), "date": time.strftime("%Y-%m-%d"), "lr": lr, "target": args.target,
-            "eval_steps": args.eval_steps,
+    return {"method": method, "recipe": _recipe(method), "date": time.strftime("%Y-%m-%d"), "lr": lr,
+            "target": args.target, "eval_steps": args.eval_steps,
             "seed": args.seed, "threads": torch.get_num_threads(), "trainable_params": results["trainable_params"],
             "reached": reached, "curve": stopper.curve}
 
