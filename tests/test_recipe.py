@@ -150,3 +150,11 @@ def test_a_run_without_lr_takes_its_methods_lr_and_the_flag_or_the_task_recipe_o
     assert with_recipe(TrainArgs(method="full"), OWN_DATA_RECIPE).lr == FULL_LR
     assert with_recipe(TrainArgs(lr=3e-4), OWN_DATA_RECIPE).lr == 3e-4
     assert with_recipe(TrainArgs(), CAUSAL_LM_RECIPE, causal_lm=True).lr == CAUSAL_LM_RECIPE.lr == 5e-4
+
+
+def test_cola_trains_every_peft_method_at_2e_3_where_adakrons_4e_3_stuck_at_the_majority_class():
+    from adakron.training.recipes import METHOD_LR, RECIPES
+
+    assert METHOD_LR["adakron"] == 4e-3
+    for method in METHOD_LR:
+        assert with_recipe(TrainArgs(task="cola", method=method), RECIPES["cola"]).lr == 2e-3

@@ -81,7 +81,7 @@ def build_parser() -> Parser:
     recipe.add_argument("--lr", type=float, help="the task head's learning rate (default: "
                         + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
                         + f", adakron --recipe paper {PAPER_LR:g}, full {FULL_LR:g}; "
-                        f"causal LMs {CAUSAL_LM_RECIPE.lr:g})")
+                        f"causal LMs {CAUSAL_LM_RECIPE.lr:g}; a task's recipe may set its own: see README)")
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--max-length", type=int)
     recipe.add_argument("--warmup-ratio", type=float, default=DEFAULTS["warmup_ratio"])
