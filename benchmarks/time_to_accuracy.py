@@ -21,14 +21,17 @@ Timings on a shared machine move with its load: compare methods measured in one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from glue import DEFAULT_DATA, METHODS, RESULTS, chosen_lr
+from glue import train_args as glue_train_args
 from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
@@ -92,14 +95,11 @@ def _recipe(method: str) -> str | None:
 
 
 def train_args(method: str, lr: float, args, scratch: Path):
-    """`adakron train`'s arguments: SST-2 with its own recipe (epochs, batch, length), the grid row's adapter."""
-    from adakron.training.trainer import TrainArgs
-
-    row = METHODS[GRID_KEYS[method]]
-    return TrainArgs(task="sst2", data_dir=str(args.data_dir), method=row.method, rank=row.rank,
-                     kron_factor=row.kron_factor, recipe=row.recipe, init=row.init, outer_bias=row.outer_bias,
-                     down_lr_ratio=row.down_lr_ratio, up_lr_ratio=row.up_lr_ratio, lr=lr, seed=args.seed,
-                     eval_steps=args.eval_steps, output_dir=str(scratch), overwrite=True, plot=False)
+    """`adakron train`'s arguments: the grid row's run (glue.train_args), but with SST-2's own recipe (epochs,
+    batch, length) and an evaluation every --eval-steps."""
+    grid = SimpleNamespace(data_dir=args.data_dir, quick=False, max_train_samples=None, max_eval_samples=None)
+    row = glue_train_args("sst2", METHODS[GRID_KEYS[method]], args.seed, lr, grid, scratch)
+    return dataclasses.replace(row, epochs=None, eval_steps=args.eval_steps)
 
 
 def result_path(method: str, lr: float, args) -> Path:
