@@ -86,16 +86,19 @@ def run_id(task: str, method: Method, seed: int, lr: float) -> str:
     return f"{task}-{method.key}-s{seed}-lr{lr:g}"
 
 
-# Runs another study (folder, method key) already made with the same training: adopted, not trained again. The
-# recipe study's winner is the library's default recipe spelt out knob by knob (tests/test_benchmarks.py).
-TWINS = {"adakron16-default": ("recipe", "id-bias1-down2"), "adakron16-down8": ("recipe", "id-bias1-down8")}
+# Runs another study already made with the same training, (folder, method key) -> (folder, method key): adopted,
+# not trained again. The recipe study's winner is the library's default recipe spelt out knob by knob, and
+# MAdaKron's AdaKron row is this grid's default row (tests/test_benchmarks.py checks each pair trains alike).
+TWINS = {("glue", "adakron16-default"): ("recipe", "id-bias1-down2"),
+         ("glue", "adakron16-down8"): ("recipe", "id-bias1-down8"),
+         ("madakron", "adakron16"): ("glue", "adakron16-default")}
 
 
 def adopt_twin(path: Path, task: str, method: Method, seed: int, lr: float) -> bool:
-    """Copies the twin run of ``method`` into ``path`` under this grid's method key, naming where it came from."""
-    if method.key not in TWINS:
+    """Copies the twin run of ``method`` into ``path`` under its own grid's method key, naming where it came from."""
+    if (path.parent.name, method.key) not in TWINS:
         return False
-    folder, key = TWINS[method.key]
+    folder, key = TWINS[path.parent.name, method.key]
     twin = RESULTS / folder / f"{run_id(task, replace(method, key=key), seed, lr)}.json"
     if not twin.exists():
         return False
@@ -112,7 +115,7 @@ def run_one(task: str, method: Method, seed: int, lr: float, args, folder: Path)
     """Train one configuration unless its result file exists (or another worker is training it);
     returns the stored result."""
     path = folder / f"{run_id(task, method, seed, lr)}.json"
-    if path.exists() or (folder.name == "glue" and adopt_twin(path, task, method, seed, lr)):
+    if path.exists() or adopt_twin(path, task, method, seed, lr):
         return stored(path, epochs_for(task, args))
     require_same_library(args)
     with claimed(path.with_suffix(".lock")) as mine:

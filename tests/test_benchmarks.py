@@ -89,22 +89,29 @@ def _resolved(task, method):
     return {k: v for k, v in asdict(with_recipe(args, RECIPES[task])).items() if k != "recipe"}
 
 
-def test_the_grid_adopts_only_twins_that_train_exactly_as_its_own_method_would():
-    for key, (folder, twin_key) in glue.TWINS.items():
-        assert folder == "recipe"
-        assert _resolved("mrpc", glue.METHODS[key]) == _resolved("mrpc", recipe.CANDIDATES[twin_key])
+def _study_method(folder, key):
+    import madakron
+
+    return {"glue": glue.METHODS, "recipe": recipe.CANDIDATES, "madakron": madakron.METHODS}[folder][key]
 
 
-def test_a_twin_run_is_adopted_under_the_grids_key_and_says_where_it_came_from(tmp_path, monkeypatch):
+def test_a_grid_adopts_only_twins_that_train_exactly_as_its_own_method_would():
+    for (folder, key), (twin_folder, twin_key) in glue.TWINS.items():
+        assert _resolved("mrpc", _study_method(folder, key)) == _resolved("mrpc", _study_method(twin_folder, twin_key))
+
+
+@pytest.mark.parametrize("twin", list(glue.TWINS))
+def test_a_twin_run_is_adopted_under_the_grids_key_and_says_where_it_came_from(tmp_path, monkeypatch, twin):
     monkeypatch.setattr(glue, "RESULTS", tmp_path)
-    key, (folder, twin_key) = next(iter(glue.TWINS.items()))
+    (folder, key), (twin_folder, twin_key) = twin, glue.TWINS[twin]
+    (tmp_path / twin_folder).mkdir()
+    stored = tmp_path / twin_folder / f"mrpc-{twin_key}-s42-lr0.002.json"
+    stored.write_text(json.dumps({"method_key": twin_key, "hyperparameters": {"epochs": glue.EPOCHS["mrpc"]}}))
     (tmp_path / folder).mkdir()
-    twin = tmp_path / folder / f"mrpc-{twin_key}-s42-lr0.002.json"
-    twin.write_text(json.dumps({"method_key": twin_key, "hyperparameters": {"epochs": glue.EPOCHS["mrpc"]}}))
-    (tmp_path / "glue").mkdir()
-    result = glue.run_one("mrpc", glue.METHODS[key], 42, 2e-3, SimpleNamespace(quick=False), tmp_path / "glue")
-    assert result["method_key"] == key and result["reused_from"] == f"{folder}/{twin.name}"
-    assert json.loads((tmp_path / "glue" / f"mrpc-{key}-s42-lr0.002.json").read_text()) == result
+    method = _study_method(folder, key)
+    result = glue.run_one("mrpc", method, 42, 2e-3, SimpleNamespace(quick=False), tmp_path / folder)
+    assert result["method_key"] == key and result["reused_from"] == f"{twin_folder}/{stored.name}"
+    assert json.loads((tmp_path / folder / f"mrpc-{key}-s42-lr0.002.json").read_text()) == result
 
 
 def test_measuring_time_to_accuracy_again_files_a_new_result_beside_the_stored_one(tmp_path, monkeypatch):
@@ -138,8 +145,9 @@ def test_time_to_accuracy_trains_each_method_with_its_grid_rows_adapter():
 
 
 def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways():
-    for key, (folder, twin_key) in glue.TWINS.items():
-        assert recipe.GLUE_KEYS[twin_key] == key
+    for (folder, key), (twin_folder, twin_key) in glue.TWINS.items():
+        if twin_folder == "recipe":
+            assert recipe.GLUE_KEYS[twin_key] == key
 
 
 def test_every_recipe_candidate_is_described_in_the_results():
