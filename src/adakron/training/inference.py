@@ -39,7 +39,8 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"adapter dir {run_dir} does not exist")
+        raise UsageError(f"adapter dir {run_dir} " + ("is a file: pass the folder a run (or save_adapter) wrote"
+                                                       if run_dir.exists() else "does not exist"))
     info = read_task_file(run_dir)
     if info.get("objective") == "causal-lm":
         raise UsageError(f"{run_dir} is a causal-LM run (instruction tuning): use `adakron generate --adapter "
@@ -86,6 +87,11 @@ def _detect_method(run_dir: Path) -> str:
     return "adakron"
 
 
+def check_batch_size(batch_size: int) -> None:
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
+
+
 @torch.no_grad()
 def run_model(trained: Trained, examples: Examples, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Logits for every example, in order."""
@@ -109,6 +115,7 @@ def evaluate(run_dir: str, task: str | None = None, data_dir: str | None = None,
     ``validation_file`` is what is evaluated whenever it is given. With a GLUE task (``task``, or the task the
     adapter was trained on) a ``.tsv`` is read as that task's GLUE file and scored with its metric; any other
     file is read by ``text_columns``, and a GLUE task's labels may be given as names or as its class ids."""
+    check_batch_size(batch_size)
     trained = load_trained(run_dir, model_name)
     glue_task = get_task(task or trained.task) if (task or trained.task) else None
     if task and glue_task.labels != trained.labels.names:
@@ -159,9 +166,15 @@ def predict(run_dir: str, input_file: str, output_file: str, text_columns: list[
 
     The two added columns never replace one of the input's: a name the input already uses is refused (pass
     another with ``prediction_column`` / ``score_column``)."""
+    check_batch_size(batch_size)
     output = Path(output_file)
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; name the file to write")
     if output.exists() and not overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it")
+    blocked = next((p for p in output.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"--output {output}: {blocked} is a file, not a folder")
     if Path(output_file).suffix.lower() not in FORMATS:
         raise UsageError(f"{output}: unknown format {output.suffix!r}; use .csv, .tsv or .jsonl")
     if output.resolve() == Path(input_file).resolve():

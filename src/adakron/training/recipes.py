@@ -159,12 +159,14 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
         max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
-    numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "max_train_samples",
+    numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "lora_alpha", "max_train_samples",
                                                 "max_eval_samples", "eval_steps", "max_steps")},
                **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}
-    for key, value in numbers.items():
-        if value is not None and not value > 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    for key, value in numbers.items():  # inf passes `> 0` and trains to NaN weights: finite too
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite positive number, got {value}")
+    if not 0 <= args.seed < 2**32:  # numpy's range, which transformers.set_seed seeds too
+        raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
     if chosen["max_length"] is not None and chosen["max_length"] < MIN_MAX_LENGTH:
         raise UsageError(f"--max-length must be at least {MIN_MAX_LENGTH} tokens (room for a pair of texts and the "
                          f"special tokens), got {chosen['max_length']}")
@@ -174,8 +176,8 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         raise UsageError("--consistency-weight is for MAdaKron (adakron or adapter with --num-experts)")
     if not 0 <= args.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UsageError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.method in ("adakron", "adapter"):
         adakron_config(TrainArgs(**{**asdict(args), **chosen}))  # a UsageError now, not after tokenizing
     return TrainArgs(**{**asdict(args), **chosen})

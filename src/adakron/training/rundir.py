@@ -44,13 +44,30 @@ def _is_run_output(name: str, method: str | None) -> bool:
         return method == "lora"
     if name == FULL_MODEL_DIR:
         return method == "full"
-    return name in RUN_OUTPUTS or (name.startswith(".") and name.endswith(".tmp")) or name == "metrics.tmp"
+    return name in RUN_OUTPUTS or _is_temporary(name) or name == "metrics.tmp"
+
+
+def _is_temporary(name: str) -> bool:
+    """A file of an atomic write that was killed before its rename."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+# What a run writes inside its own folders, which --overwrite removes whole: anything else there is the user's.
+RUN_SUBFOLDER_OUTPUTS = {
+    CHECKPOINTS: lambda n: n == RUN_ARGS or (n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()),
+    EXPERTS_DIR: lambda n: n in ("adapter_config.json", "adapter_model.safetensors"),
+}
 
 
 def _foreign_entries(output_dir: Path) -> list[str]:
-    """What ``output_dir`` holds that no run wrote."""
+    """What ``output_dir`` holds that no run wrote, looking inside the run's own folders too."""
     method = _run_method(output_dir)
-    return [n for n in sorted(p.name for p in output_dir.iterdir()) if not _is_run_output(n, method)]
+    foreign = [n for n in sorted(p.name for p in output_dir.iterdir()) if not _is_run_output(n, method)]
+    for folder, written in RUN_SUBFOLDER_OUTPUTS.items():
+        if (output_dir / folder).is_dir() and not (output_dir / folder).is_symlink():
+            foreign += [f"{folder}/{p.name}" for p in sorted((output_dir / folder).iterdir())
+                        if not (written(p.name) or _is_temporary(p.name))]
+    return foreign
 
 
 def _inputs(args: TrainArgs) -> list[Path]:
@@ -61,6 +78,9 @@ def _inputs(args: TrainArgs) -> list[Path]:
 def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {output_dir} is a file")
+    blocked = next((p for p in output_dir.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"--output-dir {output_dir}: {blocked} is a file, not a folder")
     if args.resume and args.overwrite:
         raise UsageError("pass --resume or --overwrite, not both")
     if args.resume:
@@ -70,7 +90,12 @@ def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
             raise UsageError(f"nothing to resume in {output_dir}: " + (
                 "that run has finished (pass --overwrite to train again)" if finished else
                 "no epoch checkpoint was written yet (start again with --overwrite)"))
-        before = json.loads(saved.read_text())
+        try:
+            before = json.loads(saved.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot resume: {saved} is damaged ({e}); start again with --overwrite") from None
+        if not isinstance(before, dict):
+            raise UsageError(f"cannot resume: {saved} is damaged (not a JSON object); start again with --overwrite")
         now = comparable(args)
         changed = sorted(k for k in now if not _same_setting(k, before, now[k]))
         if changed:
@@ -192,10 +217,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def checkpoint_is_complete(folder: Path) -> bool:
     """The Trainer writes trainer_state.json last (after the model, optimizer, scheduler and RNG states): a
-    checkpoint whose state file is missing or cut short was interrupted mid-save (a kill, a full disk)."""
+    checkpoint whose state file is missing or cut short was interrupted mid-save (a kill, a full disk). Its
+    weights are checked too (a safetensors header that does not parse), since resuming from them would fail."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
+        for weights in folder.glob("*.safetensors"):
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+    except (OSError, ValueError, SafetensorError):
         return False
     return (folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file()
 
@@ -210,6 +241,6 @@ def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
     for partial in found:
         if partial not in complete and (latest is None or int(partial.name.split("-")[-1]) > int(
                 latest.name.split("-")[-1])):
-            logger.warning("removing %s: it was interrupted while being saved", partial)
+            logger.warning("removing %s: it is incomplete or damaged (interrupted while being saved?)", partial)
             shutil.rmtree(partial, ignore_errors=True)
     return latest

@@ -155,6 +155,8 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         dev_data = {k: tokenize(v, tokenizer, args.max_length, args.pad_to_max_length)
                     for k, v in prepared.devs.items()}
         collate, metrics, preprocess = DataCollatorWithPadding(tokenizer), _metric_function(prepared), None
+    # Everything that can refuse the run's settings happens before --overwrite removes the previous run.
+    optimizer = _optimizer(model, args)
     with training_args.main_process_first(local=False, desc="preparing the output dir"):
         if training_args.process_index == 0:  # one process (of torchrun's) touches the folder
             if args.overwrite and output_dir.exists():
@@ -172,7 +174,7 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         compute_metrics=metrics,
         preprocess_logits_for_metrics=preprocess,
         callbacks=[EpochReport(output_dir, list(prepared.devs)[-1]), *(callbacks or [])],
-        optimizers=(_optimizer(model, args), None),
+        optimizers=(optimizer, None),
     )
     if args.consistency_weight:
         trainer.consistency_weight = args.consistency_weight
@@ -180,6 +182,8 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
     trainer.add_callback(BarOnlyProgress())
     # A checkpoint cut short (killed mid-save, full disk) is skipped: the run goes on from the last whole one.
     resume = latest_complete_checkpoint(output_dir / CHECKPOINTS) if args.resume else None
+    if args.resume and resume is None:  # the settings matched, but no checkpoint of the run can be read
+        logger.warning("no complete checkpoint in %s: the run starts again from step 0", output_dir / CHECKPOINTS)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (OSError, RuntimeError) as e:
