@@ -35,11 +35,19 @@ CANDIDATES = {
     "id+bias1+down.25": dict(_PAPER, init="identity", outer_bias=1.0, down_lr_ratio=0.25),
     "id+bias1+down.125+up2": dict(_PAPER, init="identity", outer_bias=1.0, down_lr_ratio=0.125, up_lr_ratio=2.0),
     "lora": dict(method="lora"),
+    # After the GLUE grid's AdaKron r=48 with the default recipe collapsed on CoLA at lr 4e-3 (issue 12): does
+    # giving the adapter's factors rates scaled by 16/r (r=16's, per output of B) keep r=48 learning there?
+    # `r48` is that grid run's first two epochs (glue.py's schedule is this one), not run again.
+    "r48": dict(rank=48),
+    "r48+up.33": dict(rank=48, up_lr_ratio=1 / 3),
+    "r48+adapter.33": dict(rank=48, down_lr_ratio=1 / 6, up_lr_ratio=1 / 3),
 }
+R48_GRID_RUN = HERE / "results" / "glue" / "cola-adakron48-default-s42-lr0.004.json"
 FIRST = ("paper", "identity", "id+bias1", "id+down.125", "id+bias1+down.125", "ref+down.125", "lora")
 RUNS = [(c, lr) for lr in (4e-3, 1e-3) for c in FIRST] + [
     (c, lr) for lr in (4e-3, 5e-4) for c in ("id+bias1+down.03", "id+bias1+down.25", "id+bias1+down.125+up2")] + [
-    (c, 5e-4) for c in ("paper", "id+bias1+down.125", "lora")]
+    (c, 5e-4) for c in ("paper", "id+bias1+down.125", "lora")] + [
+    (c, 4e-3) for c in ("r48+up.33", "r48+adapter.33")]
 
 
 def path(candidate: str, lr: float) -> Path:
@@ -70,12 +78,16 @@ def run(candidate: str, lr: float, data_dir: Path) -> None:
 def section() -> list[str]:
     """A table for RESULTS.md: dev Matthews ×100 after epochs 1 and 2 (train loss of epoch 2 in brackets)."""
     found = {(r["cand"], r["lr"]): r for r in (json.loads(p.read_text()) for p in sorted(FOLDER.glob("*.json")))}
+    if R48_GRID_RUN.exists():
+        found["r48", 4e-3] = {"cand": "r48", "lr": 4e-3, "epochs": json.loads(R48_GRID_RUN.read_text())["epochs"]}
     if not found:
         return []
     lrs = sorted({lr for _, lr in found}, reverse=True)
     lines = ["### Pre-screen (`python benchmarks/recipe_prescreen.py`)", "",
              f"CoLA, seed 42, the 8-epoch schedule stopped after {STOP_AFTER} epochs: dev Matthews ×100 after epoch "
-             "1 / 2 (epoch 2's train loss). It picked the screen's candidates; the screen, not this, decides.", "",
+             "1 / 2 (epoch 2's train loss). It picked the screen's candidates; the screen, not this, decides. "
+             "The `r48` rows are AdaKron r=48 on the default recipe, `r48` itself the GLUE grid's run; `.33` "
+             "scales the named factors' rates by 16/48.", "",
              "| recipe | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
     for candidate in CANDIDATES:
         cells = []
