@@ -41,6 +41,21 @@ def _expected_runs() -> int:
     return grid + lr_only + len(ABLATIONS)
 
 
+def _planned_done(folder: Path) -> int:
+    """How many of the grid's planned runs have a result: its MRPC lr scans, each task at each method's chosen lr
+    (3 seeds where MULTI_SEED says) and the ablations. Other runs in the folder (at other lrs, or adopted from
+    sibling studies) are not counted."""
+    ids = {f"{run_id('mrpc', m, 42, lr)}" for m in METHODS.values() for lr in m.lr_grid}
+    for m in METHODS.values():
+        lr = chosen_lr(m, folder)
+        if lr is not None:
+            ids |= {run_id(t, m, s, lr) for t in TASKS for s in (SEEDS if (t, m.key) in MULTI_SEED else SEEDS[:1])}
+    lr = chosen_lr(METHODS["adakron16"], folder)
+    if lr is not None:
+        ids |= {run_id("mrpc", m, 42, lr) for _, m in ABLATIONS}
+    return sum((folder / f"{i}.json").exists() for i in ids)
+
+
 def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CPU)", first_pass: bool = False
                  ) -> list[str]:
     """The GLUE tables of one grid; ``first_pass`` renders the superseded frozen-pooler grid kept for the record."""
@@ -57,7 +72,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
             by_cell[key, task].append(r)
     done = (f"{len(results)} PEFT runs finished before the pass was stopped (full fine-tuning trains the pooler "
             "anyway: its runs are in the table above)." if first_pass
-            else f"{len(results)} of {_expected_runs()} planned runs have finished.")
+            else f"{_planned_done(folder)} of {_expected_runs()} planned runs have finished.")
     lines += [f"{done} Best-epoch dev score "
               "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
               "Matthews, accuracy elsewhere; ×100. \"avg, seed 42\" averages the seed-42 runs alone, the same "
