@@ -75,6 +75,18 @@ def _inputs(args: TrainArgs) -> list[Path]:
             if p and Path(p).exists()]
 
 
+def read_json_object(path: Path, message: str) -> dict:
+    """The JSON object in ``path`` (a file a run wrote, perhaps edited or damaged since); anything else is a
+    UsageError with ``message`` formatted with the path and why."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(message.format(path=path, why=e)) from None
+    if not isinstance(value, dict):
+        raise UsageError(message.format(path=path, why=f"it holds a {type(value).__name__}, not an object"))
+    return value
+
+
 def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {output_dir} is a file")
@@ -90,12 +102,7 @@ def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
             raise UsageError(f"nothing to resume in {output_dir}: " + (
                 "that run has finished (pass --overwrite to train again)" if finished else
                 "no epoch checkpoint was written yet (start again with --overwrite)"))
-        try:
-            before = json.loads(saved.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"cannot resume: {saved} is damaged ({e}); start again with --overwrite") from None
-        if not isinstance(before, dict):
-            raise UsageError(f"cannot resume: {saved} is damaged (not a JSON object); start again with --overwrite")
+        before = read_json_object(saved, "cannot resume: {path} is damaged ({why}); start again with --overwrite")
         now = comparable(args)
         changed = sorted(k for k in now if not _same_setting(k, before, now[k]))
         if changed:
@@ -179,12 +186,7 @@ def read_task_file(directory: Path) -> dict[str, Any]:
     path = Path(directory) / TASK_FILE
     if not path.is_file():
         return {}
-    try:
-        task = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(task, dict):
-        raise UsageError(f"{path} must hold a JSON object")
+    task = read_json_object(path, "{path} is not a readable JSON object ({why})")
 
     def check(key: str, ok, want: str) -> None:
         value = task.get(key)
