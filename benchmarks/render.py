@@ -45,7 +45,7 @@ def _planned_done(folder: Path) -> int:
     """How many of the grid's planned runs have a result: its MRPC lr scans, each task at each method's chosen lr
     (3 seeds where MULTI_SEED says) and the ablations. Other runs in the folder (at other lrs, or adopted from
     sibling studies) are not counted."""
-    ids = {f"{run_id('mrpc', m, 42, lr)}" for m in METHODS.values() for lr in m.lr_grid}
+    ids = {run_id("mrpc", m, 42, lr) for m in METHODS.values() for lr in m.lr_grid}
     for m in METHODS.values():
         lr = chosen_lr(m, folder)
         if lr is not None:

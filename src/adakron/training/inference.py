@@ -15,7 +15,7 @@ from ..adapters.checkpoint import CONFIG_NAME, AdapterLoadError, load_adapter, r
 from ..errors import UsageError
 from .data import FORMATS, Examples, LabelSpace, encode_labels, read_file, tokenize
 from .metrics import compute, predictions_from_logits
-from .rundir import DEFAULT_MAX_LENGTH, FULL_MODEL_DIR, read_task_file
+from .rundir import DEFAULT_MAX_LENGTH, FULL_MODEL_DIR, check_parent_folders, read_task_file
 from .tasks import get_task, load_glue, read_split
 
 
@@ -172,9 +172,7 @@ def predict(run_dir: str, input_file: str, output_file: str, text_columns: list[
         raise UsageError(f"--output {output} is a folder; name the file to write")
     if output.exists() and not overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it")
-    blocked = next((p for p in output.absolute().parents if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise UsageError(f"--output {output}: {blocked} is a file, not a folder")
+    check_parent_folders(output, "--output")
     if Path(output_file).suffix.lower() not in FORMATS:
         raise UsageError(f"{output}: unknown format {output.suffix!r}; use .csv, .tsv or .jsonl")
     if output.resolve() == Path(input_file).resolve():

@@ -87,12 +87,17 @@ def read_json_object(path: Path, message: str) -> dict:
     return value
 
 
+def check_parent_folders(path: Path, flag: str) -> None:
+    """Refuses an output ``path`` one of whose parents is a file: it could never be created."""
+    blocked = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"{flag} {path}: {blocked} is a file, not a folder")
+
+
 def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {output_dir} is a file")
-    blocked = next((p for p in output_dir.absolute().parents if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise UsageError(f"--output-dir {output_dir}: {blocked} is a file, not a folder")
+    check_parent_folders(output_dir, "--output-dir")
     if args.resume and args.overwrite:
         raise UsageError("pass --resume or --overwrite, not both")
     if args.resume:
