@@ -243,6 +243,27 @@ def chosen_lr(method: Method, folder: Path) -> float | None:
     return max(found, key=found.get)
 
 
+def planned_runs(folder: Path, methods=None, tasks=TASKS, seeds=SEEDS, ablations: bool = True, lr_of=chosen_lr):
+    """The grid's runs as (task, method, seed, lr), in the order workers take them: 1. each method's MRPC lr scan;
+    2. each task at the method's chosen lr (``lr_of``), seed by seed so that one full table comes first, 3 seeds
+    where MULTI_SEED says; 3. the ablations on MRPC at AdaKron r=16's lr. Lazy: a run whose lr is not chosen yet
+    is left out, and a worker that has just finished the scans finds the lr when it gets there."""
+    methods = list(METHODS.values()) if methods is None else methods
+    for method in methods:
+        for lr in method.lr_grid:
+            yield "mrpc", method, 42, lr
+    for seed in seeds:
+        for task in tasks:
+            for method in methods:
+                lr = lr_of(method, folder)
+                if lr is not None and (seed == SEEDS[0] or (task, method.key) in MULTI_SEED):
+                    yield task, method, seed, lr
+    lr = lr_of(METHODS["adakron16"], folder)
+    if ablations and lr is not None:
+        for _, method in ABLATIONS:
+            yield "mrpc", method, 42, lr
+
+
 def run_grid(args) -> None:
     folder = RESULTS / ("glue-quick" if args.quick else "glue")
     methods = [METHODS[m] for m in args.methods]
@@ -251,19 +272,8 @@ def run_grid(args) -> None:
             for method in methods:
                 run_one(task, method, 42, method.lr_grid[0], args, folder)
         return
-    for method in methods:  # 1. lr selection on MRPC
-        for lr in method.lr_grid:
-            run_one("mrpc", method, 42, lr, args, folder)
-    for seed in args.seeds:  # 2. the grid at each method's chosen lr; seed by seed, so one full table comes first
-        for task in args.tasks:
-            for method in methods:
-                lr = chosen_lr(method, folder)
-                if lr is not None and (seed == SEEDS[0] or (task, method.key) in MULTI_SEED):
-                    run_one(task, method, seed, lr, args, folder)
-    lr = chosen_lr(METHODS["adakron16"], folder)
-    if args.ablations and lr is not None:  # 3. ablations on MRPC
-        for _, method in ABLATIONS:
-            run_one("mrpc", method, 42, lr, args, folder)
+    for task, method, seed, lr in planned_runs(folder, methods, args.tasks, args.seeds, args.ablations):
+        run_one(task, method, seed, lr, args, folder)
 
 
 def full_pass(args, run, label: str) -> None:

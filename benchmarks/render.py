@@ -13,12 +13,12 @@ from glue import (
     ABLATIONS,
     EPOCHS,
     METHODS,
-    MULTI_SEED,
     RESULTS,
     SEEDS,
     TASK_NAMES,
     TASKS,
     chosen_lr,
+    planned_runs,
     mean_std,
     run_id,
     score,
@@ -35,25 +35,13 @@ NAMES = {"adakron16-default": "AdaKron r=16 f=4", "adakron48-default": "AdaKron 
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
 
 
-def _expected_runs() -> int:
-    grid = sum(len(SEEDS) if (t, m) in MULTI_SEED else 1 for t in TASKS for m in METHODS)
-    lr_only = sum(len(m.lr_grid) - 1 for m in METHODS.values())
-    return grid + lr_only + len(ABLATIONS)
-
-
-def _planned_done(folder: Path) -> int:
-    """How many of the grid's planned runs have a result: its MRPC lr scans, each task at each method's chosen lr
-    (3 seeds where MULTI_SEED says) and the ablations. Other runs in the folder (at other lrs, or adopted from
-    sibling studies) are not counted."""
-    ids = {run_id("mrpc", m, 42, lr) for m in METHODS.values() for lr in m.lr_grid}
-    for m in METHODS.values():
-        lr = chosen_lr(m, folder)
-        if lr is not None:
-            ids |= {run_id(t, m, s, lr) for t in TASKS for s in (SEEDS if (t, m.key) in MULTI_SEED else SEEDS[:1])}
-    lr = chosen_lr(METHODS["adakron16"], folder)
-    if lr is not None:
-        ids |= {run_id("mrpc", m, 42, lr) for _, m in ABLATIONS}
-    return sum((folder / f"{i}.json").exists() for i in ids)
+def _planned_done(folder: Path) -> tuple[int, int]:
+    """How many of the grid's planned runs (glue.planned_runs) have a result, and how many are planned in all.
+    Other runs in the folder (at other lrs, or adopted from sibling studies) are not counted. Until a method's
+    lr is chosen, the runs at it are counted at a stand-in lr, its first: one id per planned run either way."""
+    chosen = {run_id(*run) for run in planned_runs(folder)}  # a set: MRPC at the chosen lr is also a scan run
+    everything = {run_id(*run) for run in planned_runs(folder, lr_of=lambda m, f: chosen_lr(m, f) or m.lr_grid[0])}
+    return sum((folder / f"{i}.json").exists() for i in chosen), len(everything)
 
 
 def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CPU)", first_pass: bool = False
@@ -72,7 +60,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
             by_cell[key, task].append(r)
     done = (f"{len(results)} PEFT runs finished before the pass was stopped (full fine-tuning trains the pooler "
             "anyway: its runs are in the table above)." if first_pass
-            else f"{_planned_done(folder)} of {_expected_runs()} planned runs have finished.")
+            else "{} of {} planned runs have finished.".format(*_planned_done(folder)))
     lines += [f"{done} Best-epoch dev score "
               "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
               "Matthews, accuracy elsewhere; ×100. \"avg, seed 42\" averages the seed-42 runs alone, the same "

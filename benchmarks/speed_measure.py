@@ -95,10 +95,17 @@ def _compile_report(counters: dict) -> dict:
 
 
 def inference(model_name: str, args) -> dict:
-    """Bare backbone vs the AdaKron model, eval + no_grad, interleaved; at the main shape (the goal's) and at
-    each --infer-extra shape (e.g. 1x16, a single short request, where fixed per-op costs weigh most)."""
+    """Bare backbone vs the AdaKron model (and a merged MAdaKron one when --methods names madakron), eval +
+    no_grad, interleaved; at the main shape (the goals') and at each --infer-extra shape (e.g. 1x16, a single
+    short request, where fixed per-op costs weigh most)."""
     models = {"bare": backbone(model_name, args.seed),
               "adakron": with_method(backbone(model_name, args.seed), "adakron")}
+    if "madakron" in args.methods:
+        # What MAdaKron serves: its experts merged into one AdaKron adapter, which should cost AdaKron's time.
+        import adakron
+
+        models["madakron merged"] = with_method(backbone(model_name, args.seed), "madakron")
+        adakron.merge_experts(models["madakron merged"])
     for m in models.values():
         compile_model(m.to(args.device).eval(), getattr(args, "compile", None),
                       getattr(args, "compile_backend", "inductor"))
@@ -134,8 +141,15 @@ def inference(model_name: str, args) -> dict:
             "adakron_x_bare": rows["adakron"]["median_s"] / rows["bare"]["median_s"],
             "paired_adakron_x_bare": statistics.median(a / b for a, b in zip(times["adakron"], times["bare"])),
         }
+        if "madakron merged" in rows:
+            result["shapes"][f"{batch_size}x{seq_len}"].update(
+                madakron_x_adakron=rows["madakron merged"]["median_s"] / rows["adakron"]["median_s"],
+                paired_madakron_x_adakron=statistics.median(
+                    a / b for a, b in zip(times["madakron merged"], times["adakron"])))
     main = result["shapes"][f"{args.batch_size}x{args.seq_len}"]
-    result["adakron_x_bare"] = main["adakron_x_bare"]  # the goal's figure: the main shape
+    result["adakron_x_bare"] = main["adakron_x_bare"]  # the goals' figures: the main shape
+    if "madakron_x_adakron" in main:
+        result["madakron_x_adakron"] = main["madakron_x_adakron"]
     del models
     gc.collect()
     return result

@@ -53,6 +53,29 @@ def test_a_result_trained_for_other_epochs_is_not_reused(tmp_path):
         glue.run_one("cola", method, 42, 2e-3, SimpleNamespace(quick=False), tmp_path)
 
 
+def test_until_a_methods_lr_is_chosen_the_grid_plans_only_its_mrpc_scan(tmp_path):
+    runs = list(glue.planned_runs(tmp_path))
+    assert runs == [("mrpc", m, 42, lr) for m in glue.METHODS.values() for lr in m.lr_grid]
+
+
+def test_the_grid_runs_each_task_at_the_chosen_lr_with_three_seeds_only_where_multi_seed_says(tmp_path):
+    method = glue.METHODS["lora"]
+    for lr, f1 in zip(method.lr_grid, (0.80, 0.85, 0.82, 0.81)):  # the second lr wins
+        (tmp_path / f"{glue.run_id('mrpc', method, 42, lr)}.json").write_text(json.dumps({"best": {"dev_f1": f1}}))
+    after_scan = [(t, s, lr) for t, _, s, lr in glue.planned_runs(tmp_path, [method])][len(method.lr_grid):]
+    chosen = method.lr_grid[1]
+    assert {lr for *_, lr in after_scan} == {chosen}
+    assert sorted((t, s) for t, s, _ in after_scan) == sorted(
+        [(t, 42) for t in glue.TASKS] + [(t, s) for t in ("rte", "mrpc") for s in glue.SEEDS[1:]])
+
+
+def test_the_results_count_each_planned_run_once_whether_or_not_lrs_are_chosen(tmp_path):
+    import render
+
+    per_method = {m.key: len(m.lr_grid) - 1 + sum(len(glue.SEEDS) if (t, m.key) in glue.MULTI_SEED else 1
+                                                   for t in glue.TASKS) for m in glue.METHODS.values()}
+    assert render._planned_done(tmp_path) == (0, sum(per_method.values()) + len(glue.ABLATIONS))
+
 
 def test_the_recipe_screen_runs_every_task_candidate_and_lr_once_with_the_top_lr_first():
     order = recipe.screen_order(list(recipe.CANDIDATES))

@@ -113,3 +113,15 @@ def test_adakron_compiled_per_layer_with_inductor_matches_eager_on_cuda():
     batch = random_batch(eager.model, 4, 16, "cuda")
     with torch.no_grad(), eager.autocast():
         torch.testing.assert_close(compiled.model(**batch).logits, eager.model(**batch).logits, atol=2e-2, rtol=2e-2)
+
+
+def test_speed_times_a_merged_madakron_beside_adakron_at_inference(tmp_path, torch_state):
+    out = tmp_path / "speed.json"
+    speed.main(["--models", "tiny", "--methods", "adakron,madakron", "--threads", "1", "--batch-size", "2",
+                "--seq-len", "8", "--steps", "1", "--warmup", "1", "--memory-steps", "1", "--infer-reps", "2",
+                "--infer-warmup", "1", "--infer-extra", "", "--memory-in-process", "--out", str(out)])
+    inference = json.loads(out.read_text())["models"]["tiny"]["inference"]
+    assert set(inference["shapes"]["2x8"]["variants"]) == {"bare", "adakron", "madakron merged"}
+    assert inference["madakron_x_adakron"] > 0
+    report = out.with_suffix(".md").read_text()
+    assert "MAdaKron as served" in report and "merged madakron inference latency <= 1.01 x adakron" in report
