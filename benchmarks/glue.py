@@ -65,10 +65,11 @@ class Method:
 
 METHODS = {m.key: m for m in (
     Method("adakron16-default", "adakron", rank=16, recipe="default"),
-    Method("adakron48-default", "adakron", rank=48, recipe="default"),
-    # r=48 collapsed on CoLA at lr 4e-3 with the default recipe; its factors at r=16's rates per output of B (16/r:
-    # u, v at lr/6, B at lr/3) learned there in the pre-screen (benchmarks/recipe_prescreen.py). A candidate rule.
-    Method("adakron48-scaled", "adakron", rank=48, recipe="default", down_lr_ratio=1 / 6, up_lr_ratio=1 / 3),
+    # The default recipe now: above rank 16 the factor rates scale by 16/r (u, v at lr/6, B at lr/3 for r=48),
+    # which learned on CoLA at 4e-3 in the pre-screen (benchmarks/recipe_prescreen.py) and here.
+    Method("adakron48-scaled", "adakron", rank=48, recipe="default"),
+    # r=48 on the default recipe as it was first (r=16's factor rates at every rank): it collapsed on CoLA at lr 4e-3.
+    Method("adakron48-default", "adakron", rank=48, recipe="default", down_lr_ratio=0.5, up_lr_ratio=1.0),
     # The default before u, v went from lr/8 to lr/2 (the recipe study's first winner), spelt out knob by knob.
     Method("adakron16-down8", "adakron", rank=16, recipe="paper", init="identity", outer_bias=1.0,
            down_lr_ratio=0.125),

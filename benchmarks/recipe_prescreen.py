@@ -37,9 +37,10 @@ CANDIDATES = {
     "lora": dict(method="lora"),
     # After the GLUE grid's AdaKron r=48 with the default recipe collapsed on CoLA at lr 4e-3 (issue 12): does
     # giving the adapter's factors rates scaled by 16/r (r=16's, per output of B) keep r=48 learning there?
-    # `r48` is that grid run's first two epochs (glue.py's schedule is this one), not run again.
-    "r48": dict(rank=48),
-    "r48+up.33": dict(rank=48, up_lr_ratio=1 / 3),
+    # `r48` is that grid run's first two epochs (glue.py's schedule is this one), not run again. The rates are
+    # spelt out: the default recipe has scaled them by 16/r above rank 16 since (`r48+adapter.33`'s rule).
+    "r48": dict(rank=48, down_lr_ratio=0.5, up_lr_ratio=1.0),
+    "r48+up.33": dict(rank=48, down_lr_ratio=0.5, up_lr_ratio=1 / 3),
     "r48+adapter.33": dict(rank=48, down_lr_ratio=1 / 6, up_lr_ratio=1 / 3),
 }
 R48_GRID_RUN = HERE / "results" / "glue" / "cola-adakron48-default-s42-lr0.004.json"

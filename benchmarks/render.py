@@ -27,8 +27,8 @@ from glue import (
 HERE = Path(__file__).resolve().parent
 # The first pass (pooler frozen) ran each method's first three learning rates; later passes extended the grid.
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
-NAMES = {"adakron16-default": "AdaKron r=16 f=4", "adakron48-default": "AdaKron r=48 f=4",
-         "adakron48-scaled": "AdaKron r=48 f=4, factor rates × 16/r (candidate)",
+NAMES = {"adakron16-default": "AdaKron r=16 f=4", "adakron48-scaled": "AdaKron r=48 f=4",
+         "adakron48-default": "AdaKron r=48 f=4, r=16's factor rates (the default before × 16/r)",
          "adakron16-down8": "AdaKron r=16 f=4, previous default (u, v at lr/8)",
          "adakron16": "AdaKron r=16 f=4, authors' recipe", "adakron48": "AdaKron r=48 f=4, authors' recipe",
          "adapter": "Adapter r=16 (plain)",

@@ -76,3 +76,16 @@ def test_a_model_without_trainable_parameters_is_refused_with_what_to_do():
     model = tiny_model("bert").requires_grad_(False)
     with pytest.raises(ValueError, match="add_adapter"):
         parameter_groups(model, lr=1e-3)
+
+
+def test_adapters_of_two_ranks_get_each_its_own_default_rates_in_groups_named_by_rank():
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=16), name="small")
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=64), name="large")
+    for n, p in model.named_parameters():  # both train, as when a user trains two at once
+        if ".adakron_adapters." in n:
+            p.requires_grad_(True)
+    groups = {g["name"]: g["lr"] for g in parameter_groups(model, lr=1e-3)}
+    assert groups["adakron_down@r16"] == 0.5e-3 and groups["adakron_down@r64"] == 0.125e-3
+    assert groups["adakron_up/no_decay@r16"] == 1e-3 and groups["adakron_up/no_decay@r64"] == 0.25e-3
+    assert groups["head"] == 1e-3

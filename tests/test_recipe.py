@@ -158,3 +158,27 @@ def test_cola_trains_every_peft_method_at_2e_3_where_adakrons_4e_3_stuck_at_the_
     assert METHOD_LR["adakron"] == 4e-3
     for method in METHOD_LR:
         assert with_recipe(TrainArgs(task="cola", method=method), RECIPES["cola"]).lr == 2e-3
+
+
+@pytest.mark.parametrize("rank, down, up", [(4, 0.5, 1.0), (16, 0.5, 1.0), (32, 0.25, 0.5), (48, 0.5 / 3, 1 / 3)])
+def test_above_rank_16_the_default_recipe_scales_the_factor_rates_by_16_over_r(rank, down, up):
+    """At r=48 with r=16's rates CoLA stuck at the majority class at lr 4e-3; scaled by 16/r it learned."""
+    args = with_recipe(TrainArgs(rank=rank), OWN_DATA_RECIPE)
+    assert (args.down_lr_ratio, args.up_lr_ratio) == pytest.approx((down, up), rel=1e-12)
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron_config(args))
+    adapter = next(m for m in model.modules() if isinstance(m, KronAdapter))
+    # What `adakron train` builds (the ratios it recorded) and what a user's own loop gets by default agree.
+    for groups in (parameter_groups(model, 4e-3, 0.1, args.down_lr_ratio, args.up_lr_ratio),
+                   parameter_groups(model, 4e-3, 0.1)):
+        rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+        assert rates[id(adapter.adakron_down.weight)] == pytest.approx(4e-3 * down, rel=1e-12)
+        assert rates[id(adapter.adakron_up.weight)] == pytest.approx(4e-3 * up, rel=1e-12)
+        assert rates[id(dict(model.named_parameters())["classifier.heads.default.weight"])] == 4e-3
+
+
+@pytest.mark.parametrize("flags", [dict(recipe="paper"), dict(method="adapter"), dict(down_lr_ratio=0.5,
+                                                                                   up_lr_ratio=1.0)])
+def test_the_rank_rule_leaves_the_paper_recipe_the_plain_adapter_and_given_ratios_alone(flags):
+    args = with_recipe(TrainArgs(rank=48, **flags), OWN_DATA_RECIPE)
+    assert (args.down_lr_ratio, args.up_lr_ratio) == ((0.5, 1.0) if "down_lr_ratio" in flags else (1.0, 1.0))

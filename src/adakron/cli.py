@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 
 from .adapters.checkpoint import AdapterLoadError
 from .adapters.config import EXPERT_SITES, INITS, PLACEMENTS
+from .adapters.optim import REFERENCE_RANK
 from .errors import Parser, UsageError
 from .training.generate import Sampling
 from .training.inference import BATCH_SIZE, PREDICTION_COLUMN, SCORE_COLUMN
@@ -61,9 +62,11 @@ def build_parser() -> Parser:
     method.add_argument("--outer-bias", type=float, help="initial bias of the f-wide outer factor u "
                         f"(adakron default: {ours.outer_bias:g}; paper: {paper.outer_bias:g})")
     method.add_argument("--down-lr-ratio", type=float, help="the down-projections (u, v) train at --lr times this "
-                        f"(adakron default: {ours.down_lr_ratio:g}; paper and --method adapter: {paper.down_lr_ratio:g})")
+                        f"(adakron default: {ours.down_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
+                        f"times {REFERENCE_RANK}/rank above; paper and --method adapter: {paper.down_lr_ratio:g})")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
-                        f"(default: {ours.up_lr_ratio:g}; paper: {paper.up_lr_ratio:g})")
+                        f"(default: {ours.up_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
+                        f"times {REFERENCE_RANK}/rank above; paper: {paper.up_lr_ratio:g})")
     method.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"],
                         help="MAdaKron: experts per down-projection, one drawn per step, merged for evaluation and "
                              "in the saved adapter (its experts are kept in <output-dir>/experts); 1 = AdaKron")

@@ -21,6 +21,11 @@ from torch import nn
 # lr/2 learns at every lr screened, with a higher worst case across the lr grid than lr/8 on each task.
 DOWN_LR_RATIO = 0.5
 UP_LR_RATIO = 1.0
+# The ratios above are those of rank 16, where the study ran. The up-projection sums r hidden units, each moved by
+# about the lr per Adam step, so the adapter's output moves about r/16 times as far per step at rank r: at rank 48
+# with rank 16's ratios CoLA stuck at the majority class at lr 4e-3, and with both scaled by 16/48 it learned (the
+# GLUE grid, RESULTS.md). Below rank 16 they are not raised: that was not measured.
+REFERENCE_RANK = 16
 
 DOWN, UP, HEAD = "adakron_down", "adakron_up", "head"
 
@@ -40,6 +45,12 @@ class FactorRates:
                 raise ValueError(f"the {name}-projection lr ratio ({value!r}) must be a positive number, e.g. 1.0")
 
 
+def default_rates(rank: int) -> FactorRates:
+    """The default recipe's factor rates for an adapter of size ``rank``: rank 16's, times min(1, 16 / rank)."""
+    scale = min(1.0, REFERENCE_RANK / rank)
+    return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale)
+
+
 def _kind(name: str) -> str:
     # adakron_down, or MAdaKron's adakron_down_outer / adakron_down_inner (its experts).
     parts = name.split(".")
@@ -55,34 +66,60 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
+def _adapter_ranks(model: nn.Module) -> dict[int, int]:
+    # id of each adapter parameter -> the size r of its adapter (the up-projection's input width).
+    return {id(p): module.adakron_up.in_features for module in model.modules()
+            if isinstance(getattr(module, UP, None), nn.Linear) for p in module.parameters()}
+
+
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                     down_lr_ratio: float = DOWN_LR_RATIO, up_lr_ratio: float = UP_LR_RATIO) -> list[dict]:
+                     down_lr_ratio: float | None = None, up_lr_ratio: float | None = None) -> list[dict]:
     """The model's trainable parameters, grouped for ``torch.optim.AdamW`` (or any optimizer taking groups).
 
     Args:
         model: a model with adapters (only parameters with ``requires_grad`` are included).
         lr: the learning rate of the task head and of anything else that trains (LoRA, full fine-tuning).
         weight_decay: applied to weight matrices, not to biases or normalisation weights (as Trainer does).
-        down_lr_ratio: the adapters' down-projections (u and v) train at ``lr * down_lr_ratio``.
-        up_lr_ratio: the adapters' up-projections (B) train at ``lr * up_lr_ratio``.
+        down_lr_ratio: the adapters' down-projections (u and v) train at ``lr * down_lr_ratio``; None: the
+            default recipe's for each adapter's rank (``default_rates``: 0.5 up to rank 16, 0.5 * 16 / r above).
+        up_lr_ratio: the adapters' up-projections (B) train at ``lr * up_lr_ratio``; None: as above (1.0 up to
+            rank 16, 16 / r above). A ratio given is used as it is, at every rank.
 
     Every group carries ``name`` ("adakron_down", "adakron_up" or "head", with "/no_decay" for the
-    parameters without weight decay), ``lr`` and ``weight_decay``; empty groups are left out.
+    parameters without weight decay, and "@r48" where adapters of several ranks get different rates),
+    ``lr`` and ``weight_decay``; empty groups are left out.
     """
-    rates = FactorRates(down_lr_ratio, up_lr_ratio)
+    FactorRates(DOWN_LR_RATIO if down_lr_ratio is None else down_lr_ratio,
+                UP_LR_RATIO if up_lr_ratio is None else up_lr_ratio)  # checks what was given
     if not lr > 0:
         raise ValueError(f"lr ({lr!r}) must be positive, e.g. 1e-3")
-    ratio = {DOWN: rates.down, UP: rates.up, HEAD: 1.0}
-    groups: dict[tuple[str, bool], dict] = {}
+    ranks = _adapter_ranks(model)
+
+    def ratio(kind: str, rank: int | None) -> float:
+        if kind == HEAD:
+            return 1.0
+        given = down_lr_ratio if kind == DOWN else up_lr_ratio
+        rates = default_rates(rank or REFERENCE_RANK)
+        return given if given is not None else (rates.down if kind == DOWN else rates.up)
+
+    groups: dict[tuple[str, bool, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         kind, bare = _kind(name), _no_decay(name, param)
-        group = groups.setdefault((kind, bare), {
-            "name": kind + ("/no_decay" if bare else ""), "params": [], "lr": lr * ratio[kind],
-            "weight_decay": 0.0 if bare else weight_decay})
+        rank = ranks.get(id(param))
+        rate = lr * ratio(kind, rank)
+        group = groups.setdefault((kind, bare, rate), {
+            "name": kind + ("/no_decay" if bare else ""), "params": [], "lr": rate,
+            "weight_decay": 0.0 if bare else weight_decay, "rank": rank})
         group["params"].append(param)
     if not groups:
         raise ValueError("the model has no trainable parameters: add an adapter (adakron.add_adapter) first")
+    # One rate per kind is the usual case; adapters of several ranks at different rates get their rank in the name.
+    for kind, bare in {(k, b) for k, b, _ in groups}:
+        same = [g for (k, b, _), g in groups.items() if (k, b) == (kind, bare)]
+        for group in same if len(same) > 1 else ():
+            group["name"] += f"@r{group['rank']}"
     order = [DOWN, UP, HEAD]
-    return [groups[k] for k in sorted(groups, key=lambda k: (order.index(k[0]), k[1]))]
+    keys = sorted(groups, key=lambda k: (order.index(k[0]), k[1], -k[2]))
+    return [{k: v for k, v in groups[key].items() if k != "rank"} for key in keys]

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..adapters.config import AdaKronConfig
-from ..adapters.optim import DOWN_LR_RATIO, UP_LR_RATIO
+from ..adapters.optim import DOWN_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO, default_rates
 from ..errors import UsageError
 
 # The shortest --max-length: [CLS] a [SEP] b [SEP] with a token of each text left, and some room.
@@ -69,7 +69,8 @@ class AdapterRecipe:
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
 ADAPTER_RECIPES = {
-    # The library's defaults, set from benchmarks/recipe.py: read from where they are defined.
+    # The library's defaults, set from benchmarks/recipe.py: read from where they are defined. The factor rates are
+    # rank 16's; adapter_recipe scales them for larger ranks (optim.default_rates).
     "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO),
     # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
     "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
@@ -136,21 +137,27 @@ class TrainArgs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def adapter_recipe(name: str, causal_lm: bool = False, method: str = "adakron") -> AdapterRecipe:
-    """The adapter recipe ``name``. In place of the default: ``CAUSAL_LM_ADAPTER_RECIPE`` for a causal LM, and
-    ``PLAIN_ADAPTER_RECIPE`` for the plain adapter (``--method adapter``)."""
+def adapter_recipe(name: str, causal_lm: bool = False, method: str = "adakron",
+                   rank: int = REFERENCE_RANK) -> AdapterRecipe:
+    """The adapter recipe ``name`` for an adapter of size ``rank``. In place of the default:
+    ``CAUSAL_LM_ADAPTER_RECIPE`` for a causal LM, ``PLAIN_ADAPTER_RECIPE`` for the plain adapter (``--method
+    adapter``), and above rank 16 the default's factor rates times 16 / rank (``optim.default_rates``)."""
     if name not in ADAPTER_RECIPES:
         raise UsageError(f"unknown --recipe {name!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
     if name == "default" and causal_lm:
         return CAUSAL_LM_ADAPTER_RECIPE
     if name == "default" and method == "adapter":
         return PLAIN_ADAPTER_RECIPE
+    if name == "default":
+        rates = default_rates(rank) if isinstance(rank, int) and rank > 0 else default_rates(REFERENCE_RANK)
+        return replace(ADAPTER_RECIPES[name], down_lr_ratio=rates.down, up_lr_ratio=rates.up)
     return ADAPTER_RECIPES[name]
 
 
 def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> TrainArgs:
     """Fill what the user left open from the task's recipe, then check every number."""
-    adapter_recipe_ = adapter_recipe(args.recipe, causal_lm, args.method)
+    # A bad --rank is refused below, with the other numbers; the rates of rank 16 stand in until then.
+    adapter_recipe_ = adapter_recipe(args.recipe, causal_lm, args.method, args.rank)
     chosen = dict(
         **{k: getattr(adapter_recipe_, k) if getattr(args, k) is None else getattr(args, k)
            for k in asdict(adapter_recipe_)},
