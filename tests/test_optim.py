@@ -89,3 +89,17 @@ def test_adapters_of_two_ranks_get_each_its_own_default_rates_in_groups_named_by
     assert groups["adakron_down@r16"] == 0.5e-3 and groups["adakron_down@r64"] == 0.125e-3
     assert groups["adakron_up/no_decay@r16"] == 1e-3 and groups["adakron_up/no_decay@r64"] == 0.25e-3
     assert groups["head"] == 1e-3
+
+
+@pytest.mark.parametrize("name", ["adakron_down_v2", "adakron_up"])
+def test_an_adapter_named_like_a_factor_leaves_each_parameter_in_its_own_group(name):
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8), name=name)
+    groups = parameter_groups(model, lr=1e-3, down_lr_ratio=0.25, up_lr_ratio=2.0)
+    rate = {n: g["lr"] for g in groups for p in g["params"] for n, q in model.named_parameters() if q is p}
+    for n, lr in rate.items():
+        inside = n.split(f".adakron_adapters.{name}.")[-1] if ".adakron_adapters." in n else None
+        expected = 0.25e-3 if inside and inside.startswith("adakron_down") else \
+            2e-3 if inside and inside.startswith("adakron_up") else 1e-3
+        assert lr == expected, n
+    assert sorted({g["lr"] for g in groups}) == [0.25e-3, 1e-3, 2e-3]

@@ -208,6 +208,8 @@ def cmd_params(ns: argparse.Namespace) -> int:
     from .training.recipes import adakron_config
     from .training.trainer import apply_method
 
+    if ns.num_labels < 1:
+        raise UsageError(f"--num-labels must be at least 1 (1: a regression head), got {ns.num_labels}")
     args = TrainArgs(rank=ns.rank, kron_factor=ns.kron_factor, lora_r=ns.lora_r)
     adakron_config(args)  # a bad --rank/--kron-factor is a usage error, before any model is loaded
     print(f"{'method':<10}{'trainable':>14}{'total':>14}{'%':>9}")

@@ -216,7 +216,7 @@ def load_tokenizer(name: str | None):
 
     try:
         return AutoTokenizer.from_pretrained(resolve_model(name))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: e.g. a config.json without a model_type
         raise UsageError(_cannot_load(name, e)) from None
 
 
@@ -227,7 +227,7 @@ def load_classifier(name: str | None, num_labels: int, **kwargs):
     try:
         return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels,
                                                                   ignore_mismatched_sizes=True, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UsageError(_cannot_load(name, e)) from None
 
 

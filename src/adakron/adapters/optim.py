@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .kron import KronAdapter
+
 # The defaults of `parameter_groups` and of `adakron train`, set from benchmarks/recipe.py (RESULTS.md): with one
 # lr for all, CoLA and RTE stick at the majority class at lr 4e-3; lr/8 learns there but slowly at lower lrs;
 # lr/2 learns at every lr screened, with a higher worst case across the lr grid than lr/8 on each task.
@@ -51,25 +53,25 @@ def default_rates(rank: int) -> FactorRates:
     return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale)
 
 
-def _kind(name: str) -> str:
-    # adakron_down, or MAdaKron's adakron_down_outer / adakron_down_inner (its experts).
-    parts = name.split(".")
-    if any(p == DOWN or p.startswith(DOWN + "_") for p in parts):
-        return DOWN
-    if UP in parts:
-        return UP
-    return HEAD
+def _adapter_parameters(model: nn.Module) -> dict[int, tuple[str, int]]:
+    """id of each adapter parameter -> (its factor, the size r of its adapter). Classified by the name inside the
+    adapter module (adakron_down, MAdaKron's adakron_down_outer / _inner experts, adakron_up), so that an adapter
+    or module named like a factor cannot steer the parameters around it into a factor's group."""
+    found = {}
+    for module in model.modules():
+        if not isinstance(module, KronAdapter):
+            continue
+        up = module.adakron_up
+        for name, param in module.named_parameters():
+            first = name.split(".")[0]
+            kind = UP if first == UP else DOWN if first == DOWN or first.startswith(DOWN + "_") else HEAD
+            found[id(param)] = (kind, up.in_features)
+    return found
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     # As transformers.Trainer does: no weight decay on biases and normalisation weights (1-d tensors).
     return param.ndim < 2 or name.endswith(".bias")
-
-
-def _adapter_ranks(model: nn.Module) -> dict[int, int]:
-    # id of each adapter parameter -> the size r of its adapter (the up-projection's input width).
-    return {id(p): module.adakron_up.in_features for module in model.modules()
-            if isinstance(getattr(module, UP, None), nn.Linear) for p in module.parameters()}
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -93,21 +95,20 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
                 UP_LR_RATIO if up_lr_ratio is None else up_lr_ratio)  # checks what was given
     if not lr > 0:
         raise ValueError(f"lr ({lr!r}) must be positive, e.g. 1e-3")
-    ranks = _adapter_ranks(model)
+    adapter = _adapter_parameters(model)
 
     def ratio(kind: str, rank: int | None) -> float:
         if kind == HEAD:
             return 1.0
         given = down_lr_ratio if kind == DOWN else up_lr_ratio
-        rates = default_rates(rank or REFERENCE_RANK)
+        rates = default_rates(rank)
         return given if given is not None else (rates.down if kind == DOWN else rates.up)
 
     groups: dict[tuple[str, bool, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        kind, bare = _kind(name), _no_decay(name, param)
-        rank = ranks.get(id(param))
+        (kind, rank), bare = adapter.get(id(param), (HEAD, None)), _no_decay(name, param)
         rate = lr * ratio(kind, rank)
         group = groups.setdefault((kind, bare, rate), {
             "name": kind + ("/no_decay" if bare else ""), "params": [], "lr": rate,

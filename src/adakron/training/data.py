@@ -93,6 +93,14 @@ def _table_records(path: Path, kind: str):
             yield reader.line_num, dict(zip(header, row))
 
 
+def _integer_order(text: str) -> tuple:
+    # Numeric order without int(): Python refuses to convert strings of more than 4300 digits.
+    digits = text.lstrip("+-").lstrip("0")
+    if text.startswith("-") and digits:
+        return (0, -len(digits), tuple(-int(c) for c in digits), text)
+    return (1, len(digits), digits, text)
+
+
 def _jsonl_records(path: Path):
     with open(path, encoding="utf-8") as f:
         for line, text in enumerate(f, start=1):
@@ -102,6 +110,8 @@ def _jsonl_records(path: Path):
                 record = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path}:{line}: JSON nested too deeply to read") from None
             if not isinstance(record, dict):
                 raise UsageError(f"{path}:{line}: expected a JSON object per line")
             yield line, record
@@ -166,8 +176,8 @@ def infer_label_space(values: list[Any], task_type: str | None = None) -> LabelS
         if bad is not None:
             raise UsageError(f"regression labels must be finite numbers; found {bad!r}")
         return LabelSpace(None)
-    unique = sorted(set(as_text), key=lambda t: (int(t), t) if _INT.fullmatch(t) else (0, t)) \
-        if all(_INT.fullmatch(t) for t in as_text) else sorted(set(as_text))
+    unique = sorted(set(as_text), key=_integer_order) if all(_INT.fullmatch(t) for t in as_text) \
+        else sorted(set(as_text))
     if len(unique) < 2:
         raise UsageError(f"classification needs at least two distinct labels; found only {unique}")
     return LabelSpace(tuple(unique))

@@ -44,6 +44,9 @@ class Sampling:
             raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):  # what torch.manual_seed takes
+            raise UsageError(f"--seed must be a whole number from -2**63 to 2**64 - 1, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

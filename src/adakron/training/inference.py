@@ -60,7 +60,13 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
         names = info.get("label_names")
         labels = LabelSpace(tuple(names) if names else None)
         base = base or PeftConfig.from_pretrained(run_dir).base_model_name_or_path
-        model = PeftModel.from_pretrained(load_classifier(base, labels.num_labels), run_dir)
+        classifier = load_classifier(base, labels.num_labels)
+        try:
+            model = PeftModel.from_pretrained(classifier, run_dir)
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. a size mismatch: another base model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"the LoRA adapter in {run_dir} does not fit the base model {base!r} ({first}); "
+                             "pass the model it was trained on with --model") from None
         tokenizer = load_tokenizer(base)
     else:
         try:
@@ -82,9 +88,11 @@ def _detect_method(run_dir: Path) -> str:
     if (run_dir / FULL_MODEL_DIR / "config.json").is_file():
         return "full"
     config_path = run_dir / CONFIG_NAME
-    if config_path.is_file() and "peft_type" in json.loads(config_path.read_text()):
-        return "lora"
-    return "adakron"
+    try:
+        is_peft = config_path.is_file() and "peft_type" in json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise UsageError(f"{config_path} cannot be read as an adapter config ({type(e).__name__}: {e})") from None
+    return "lora" if is_peft else "adakron"
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -116,6 +124,8 @@ def evaluate(run_dir: str, task: str | None = None, data_dir: str | None = None,
     adapter was trained on) a ``.tsv`` is read as that task's GLUE file and scored with its metric; any other
     file is read by ``text_columns``, and a GLUE task's labels may be given as names or as its class ids."""
     check_batch_size(batch_size)
+    if max_samples is not None and not (isinstance(max_samples, int) and max_samples >= 1):
+        raise UsageError(f"--max-eval-samples must be a positive integer, got {max_samples}")
     trained = load_trained(run_dir, model_name)
     glue_task = get_task(task or trained.task) if (task or trained.task) else None
     if task and glue_task.labels != trained.labels.names:

@@ -76,6 +76,8 @@ def _records(path: Path, text: str) -> list[tuple[str, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{path}: JSON nested too deeply to read") from None
         return [(f"{path} record {i}", record) for i, record in enumerate(records, 1)]
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
@@ -87,13 +89,15 @@ def _records(path: Path, text: str) -> list[tuple[str, Any]]:
                 raise UsageError(f"{path}: holds a single JSON object over several lines; give a list of records "
                                  "([{...}, ...]) or JSON lines (one object per line)") from None
             raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); give one JSON object per line") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{n}: JSON nested too deeply to read") from None
     return records
 
 
 def _is_one_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 

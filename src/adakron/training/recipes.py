@@ -4,6 +4,7 @@ default that `adakron train` and the Python API share."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -181,6 +182,10 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         raise UsageError(f"--consistency-weight must be a finite number >= 0, got {args.consistency_weight}")
     if args.consistency_weight and args.method not in ("adakron", "adapter"):
         raise UsageError("--consistency-weight is for MAdaKron (adakron or adapter with --num-experts)")
+    if args.consistency_weight and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DDP marks each parameter ready once per backward; the loss's two forward passes would mark it twice.
+        raise UsageError("--consistency-weight runs in one process only (its two forward passes per step do not "
+                         "work under DDP): run it without torchrun, or drop the flag")
     if not 0 <= args.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):

@@ -96,6 +96,8 @@ def read_split(task: GlueTask, path: Path) -> Examples:
     # GLUE TSVs are unquoted: a stray '"' is text (QNLI, MRPC, SST-2), so csv quoting must be off.
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(readable(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), path))
+    if not rows:
+        raise UsageError(f"{path} is empty; a GLUE TSV has a header line (for most tasks) and one example per line")
     has_header = not task.text_columns[0].isdigit()
     header = rows[0] if has_header else [str(i) for i in range(len(rows[0]) if rows else 0)]
     body = rows[1:] if has_header else rows
