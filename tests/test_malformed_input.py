@@ -111,3 +111,9 @@ def test_the_consistency_loss_is_refused_under_ddp_before_any_work(monkeypatch):
         with_recipe(TrainArgs(num_experts=4, consistency_weight=1.0), OWN_DATA_RECIPE)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert with_recipe(TrainArgs(num_experts=4, consistency_weight=1.0), OWN_DATA_RECIPE).consistency_weight == 1.0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_experts_are_refused_for_methods_that_have_none(method):
+    with pytest.raises(UsageError, match="--num-experts is for"):
+        with_recipe(TrainArgs(method=method, num_experts=4), OWN_DATA_RECIPE)

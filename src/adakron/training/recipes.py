@@ -182,6 +182,8 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         raise UsageError(f"--consistency-weight must be a finite number >= 0, got {args.consistency_weight}")
     if args.consistency_weight and args.method not in ("adakron", "adapter"):
         raise UsageError("--consistency-weight is for MAdaKron (adakron or adapter with --num-experts)")
+    if args.num_experts != 1 and args.method not in ("adakron", "adapter"):
+        raise UsageError(f"--num-experts is for --method adakron or adapter (MAdaKron), not {args.method}")
     if args.consistency_weight and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DDP marks each parameter ready once per backward; the loss's two forward passes would mark it twice.
         raise UsageError("--consistency-weight runs in one process only (its two forward passes per step do not "
