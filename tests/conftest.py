@@ -102,3 +102,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fails_in_one_line(capsys, argv: list[str], match: str, written=None) -> None:
+    """`adakron ARGV` exits 2 with one line on stderr that contains ``match``, no traceback, and (if given)
+    ``written`` does not exist afterwards."""
+    from adakron.cli import main
+
+    capsys.readouterr()  # only this command's output counts
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    if written is not None:
+        assert not written.exists()
+
+
+def wider_copy(model_dir: str, path) -> str:
+    """The tiny model of ``model_dir`` with a wider hidden size (random weights, same tokenizer): a base model
+    that an adapter trained on the original does not fit."""
+    config = transformers.BertConfig.from_pretrained(model_dir)
+    config.hidden_size, config.intermediate_size = 64, 37
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    return str(path)

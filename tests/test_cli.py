@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_rows
+from conftest import fails_in_one_line as _fails
+from conftest import sentiment_rows, wider_copy, write_rows
 from safetensors.torch import load_file
 
 from adakron.cli import main
@@ -102,16 +103,6 @@ def test_other_methods_train_and_predict(tiny_model_dir, csv_data, tmp_path, met
     assert (tmp_path / "p.csv").read_text().count("\n") == 17
 
 
-def _fails(capsys, argv, match, written=None):
-    capsys.readouterr()  # only this command's output counts
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
-    if written is not None:
-        assert not written.exists()
-
-
 def test_bad_input_gives_one_line_and_exit_2_with_nothing_written(tiny_model_dir, csv_data, tmp_path, capsys):
     out = tmp_path / "never"
     base = ["train", "--model", tiny_model_dir, "--output-dir", str(out)]
@@ -152,14 +143,8 @@ def test_adapter_that_does_not_match_the_base_model_is_refused(tiny_model_dir, c
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
     capsys.readouterr()
-    other = tmp_path / "wider"
-    import transformers
-
-    config = transformers.BertConfig.from_pretrained(tiny_model_dir)
-    config.hidden_size, config.intermediate_size = 64, 37
-    transformers.BertForSequenceClassification(config).save_pretrained(other)
-    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
-    _fails(capsys, ["eval", "--adapter", str(out), "--validation-file", csv_data[1], "--model", str(other)],
+    other = wider_copy(tiny_model_dir, tmp_path / "wider")
+    _fails(capsys, ["eval", "--adapter", str(out), "--validation-file", csv_data[1], "--model", other],
            "does not fit this model")
 
 

@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-import transformers
-from conftest import sentiment_rows, write_rows
+from conftest import fails_in_one_line as _fails
+from conftest import sentiment_rows, wider_copy, write_rows
 
 from adakron.cli import main
 from adakron.errors import UsageError
@@ -14,14 +14,6 @@ from adakron.training.data import infer_label_space, read_file
 from adakron.training.generate import Sampling
 from adakron.training.recipes import OWN_DATA_RECIPE, TrainArgs, with_recipe
 from adakron.training.tasks import get_task, read_split
-
-
-def _fails(capsys, argv, match):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +53,8 @@ def test_eval_refuses_a_max_eval_samples_below_one(run_dir, data, capsys, value)
 
 def test_a_lora_run_on_another_backbone_is_one_line(tiny_model_dir, data, tmp_path, capsys):
     out = _train(tiny_model_dir, data, tmp_path / "lora", "--method", "lora")
-    other = tmp_path / "wider"
-    config = transformers.BertConfig.from_pretrained(tiny_model_dir)
-    config.hidden_size, config.intermediate_size = 64, 37
-    transformers.BertForSequenceClassification(config).save_pretrained(other)
-    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
-    _fails(capsys, ["eval", "--adapter", str(out), "--validation-file", data[2], "--model", str(other)],
+    other = wider_copy(tiny_model_dir, tmp_path / "wider")
+    _fails(capsys, ["eval", "--adapter", str(out), "--validation-file", data[2], "--model", other],
            "does not fit the base model")
 
 

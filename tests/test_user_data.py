@@ -6,17 +6,10 @@ import csv
 import json
 
 import pytest
+from conftest import fails_in_one_line as _fails
 from conftest import sentiment_rows, write_rows
 
 from adakron.cli import main
-
-
-def _fails(capsys, argv, match):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
 
 
 @pytest.fixture(scope="module")
