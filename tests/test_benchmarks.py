@@ -66,7 +66,7 @@ def test_the_grid_runs_each_task_at_the_chosen_lr_with_three_seeds_only_where_mu
     chosen = method.lr_grid[1]
     assert {lr for *_, lr in after_scan} == {chosen}
     assert sorted((t, s) for t, s, _ in after_scan) == sorted(
-        [(t, 42) for t in glue.TASKS] + [(t, s) for t in ("rte", "mrpc") for s in glue.SEEDS[1:]])
+        [(t, 42) for t in glue.TASKS] + [(t, s) for t in ("rte", "mrpc", "cola") for s in glue.SEEDS[1:]])
 
 
 def test_the_results_count_each_planned_run_once_whether_or_not_lrs_are_chosen(tmp_path):
@@ -119,14 +119,14 @@ def _study_method(folder, key):
 
 
 def test_a_grid_adopts_only_twins_that_train_exactly_as_its_own_method_would():
-    for (folder, key), (twin_folder, twin_key) in glue.TWINS.items():
+    for (folder, key), (twin_folder, twin_key) in glue.twin_pairs():
         assert _resolved("mrpc", _study_method(folder, key)) == _resolved("mrpc", _study_method(twin_folder, twin_key))
 
 
-@pytest.mark.parametrize("twin", list(glue.TWINS))
-def test_a_twin_run_is_adopted_under_the_grids_key_and_says_where_it_came_from(tmp_path, monkeypatch, twin):
+@pytest.mark.parametrize("pair", glue.twin_pairs())
+def test_a_twin_run_is_adopted_under_the_grids_key_and_says_where_it_came_from(tmp_path, monkeypatch, pair):
     monkeypatch.setattr(glue, "RESULTS", tmp_path)
-    (folder, key), (twin_folder, twin_key) = twin, glue.TWINS[twin]
+    (folder, key), (twin_folder, twin_key) = pair
     (tmp_path / twin_folder).mkdir()
     stored = tmp_path / twin_folder / f"mrpc-{twin_key}-s42-lr0.002.json"
     stored.write_text(json.dumps({"method_key": twin_key, "hyperparameters": {"epochs": glue.EPOCHS["mrpc"]}}))
@@ -168,7 +168,7 @@ def test_time_to_accuracy_trains_each_method_with_its_grid_rows_adapter():
 
 
 def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways():
-    for (folder, key), (twin_folder, twin_key) in glue.TWINS.items():
+    for (folder, key), (twin_folder, twin_key) in glue.twin_pairs():
         if twin_folder == "recipe":
             assert recipe.GLUE_KEYS[twin_key] == key
 
