@@ -105,3 +105,11 @@ def test_the_consistency_loss_is_refused_under_ddp_before_any_work(monkeypatch):
 def test_experts_are_refused_for_methods_that_have_none(method):
     with pytest.raises(UsageError, match="--num-experts is for"):
         with_recipe(TrainArgs(method=method, num_experts=4), OWN_DATA_RECIPE)
+
+
+def test_a_library_error_is_reported_by_its_first_line_or_by_its_type_when_it_has_no_message():
+    from adakron.errors import first_line
+
+    assert first_line(ValueError("  size mismatch for weight\n  copying a param of shape ...\n")) == \
+        "size mismatch for weight"
+    assert first_line(KeyError()) == "KeyError"

@@ -9,6 +9,12 @@ class UsageError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries often add pages of detail), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage dump), exit code 2."""
 

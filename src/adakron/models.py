@@ -12,7 +12,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def load_classifier(name: str | None, num_labels: int, **kwargs):
 
 
 def _cannot_load(name: str | None, error: Exception) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"cannot load model {name!r}: {first} (pass a local model folder or a hub id; the hub needs a network)"
+    return (f"cannot load model {name!r}: {first_line(error)} "
+            "(pass a local model folder or a hub id; the hub needs a network)")
 
 
 def token_limit(model, tokenizer=None) -> int | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.checkpoint import AdapterLoadError
-from ..errors import Parser, UsageError
+from ..errors import Parser, UsageError, first_line
 from .app import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WAIT_MS, create_app
 from .engine import ADAPTER_NAME, DEFAULT_MAX_BATCH
 from .schemas import ServeError
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = AutoModelForSequenceClassification.from_pretrained(model_path)
             model = model.to(args.device).eval()
         except (OSError, ValueError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             return fail(f"cannot load model {args.model or model_path!r}: {first}")
         app = create_app(model, tokenizer, adapters, adapter_root=args.adapter_root, allow_admin=args.allow_admin,
                          max_rows=args.max_rows, max_chars=args.max_chars, max_wait_ms=args.max_wait_ms,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..adapters.checkpoint import CONFIG_NAME, AdapterLoadError, load_adapter, read_adapter
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from .data import FORMATS, Examples, LabelSpace, encode_labels, read_file, tokenize
 from .metrics import compute, predictions_from_logits
 from .rundir import DEFAULT_MAX_LENGTH, FULL_MODEL_DIR, check_parent_folders, read_task_file
@@ -64,7 +64,7 @@ def load_trained(run_dir: str | Path, model_name: str | None = None) -> Trained:
         try:
             model = PeftModel.from_pretrained(classifier, run_dir)
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. a size mismatch: another base model
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UsageError(f"the LoRA adapter in {run_dir} does not fit the base model {base!r} ({first}); "
                              "pass the model it was trained on with --model") from None
         tokenizer = load_tokenizer(base)

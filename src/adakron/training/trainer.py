@@ -21,7 +21,7 @@ from transformers import ProgressCallback
 
 from .._version import __version__
 from ..adapters.inject import trainable_parameters
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from . import causal
 from ..models import DEFAULT_MODEL, is_causal_lm
 from .consistency import ConsistencyTrainer
@@ -125,7 +125,7 @@ def fit(args: TrainArgs, callbacks: list | None = None) -> dict[str, Any]:
         training_args = _training_arguments(args, output_dir / CHECKPOINTS, prepared.main_key,
                                             prepared.greater_is_better)
     except ValueError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+        raise UsageError(first_line(e)) from None
     total_steps = args.max_steps or math.ceil(len(prepared.train) / args.batch_size) * args.epochs
     if args.eval_steps and args.eval_steps > total_steps:
         raise UsageError(f"--eval-steps {args.eval_steps} is more than the run's {total_steps:.0f} steps")
