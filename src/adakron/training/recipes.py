@@ -70,8 +70,8 @@ class AdapterRecipe:
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
 ADAPTER_RECIPES = {
-    # The library's defaults, set from benchmarks/recipe.py: read from where they are defined. The factor rates are
-    # rank 16's; adapter_recipe scales them for larger ranks (optim.default_rates).
+    # The library's defaults, set from benchmarks/recipe.py and the GLUE grid: read from where they are defined. The
+    # factor rates are those up to rank 32; adapter_recipe scales them for larger ranks (optim.default_rates).
     "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO),
     # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
     "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
@@ -142,7 +142,7 @@ def adapter_recipe(name: str, causal_lm: bool = False, method: str = "adakron",
                    rank: int = REFERENCE_RANK) -> AdapterRecipe:
     """The adapter recipe ``name`` for an adapter of size ``rank``. In place of the default:
     ``CAUSAL_LM_ADAPTER_RECIPE`` for a causal LM, ``PLAIN_ADAPTER_RECIPE`` for the plain adapter (``--method
-    adapter``), and above rank 16 the default's factor rates times 16 / rank (``optim.default_rates``)."""
+    adapter``), and above rank 32 the default's factor rates times 32 / rank (``optim.default_rates``)."""
     if name not in ADAPTER_RECIPES:
         raise UsageError(f"unknown --recipe {name!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
     if name == "default" and causal_lm:
@@ -157,7 +157,7 @@ def adapter_recipe(name: str, causal_lm: bool = False, method: str = "adakron",
 
 def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> TrainArgs:
     """Fill what the user left open from the task's recipe, then check every number."""
-    # A bad --rank is refused below, with the other numbers; the rates of rank 16 stand in until then.
+    # A bad --rank is refused below, with the other numbers; the rates of the reference rank stand in until then.
     adapter_recipe_ = adapter_recipe(args.recipe, causal_lm, args.method, args.rank)
     chosen = dict(
         **{k: getattr(adapter_recipe_, k) if getattr(args, k) is None else getattr(args, k)

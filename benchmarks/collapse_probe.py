@@ -1,0 +1,168 @@
+"""Why AdaKron sticks at the majority class: the adapters' output, watched during the first steps of a GLUE run.
+
+Trains one run of the GLUE grid (benchmarks/glue.py: same data, epochs, schedule and seed) and stops it after
+``--steps`` steps without shortening its schedule. Every ``--every`` steps it runs a fixed batch of dev sentences
+through the model in eval mode and records, per layer, the adapter's update against the hidden state it is added
+to, and how much of that update is one vector shared by every token. A collapsed run shows an update that grows
+past ||h|| and is the same for every token: after the residual and LayerNorm every sentence then looks alike, the
+[CLS] vectors close in on one point and the head can only predict the prior.
+
+    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-default --seed 43 --lr 4e-3
+    python benchmarks/collapse_probe.py --render           # the table in RESULTS.md, from what has finished
+
+One JSONL per run under benchmarks/results/collapse_probe/ (a line per probe); a finished run is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from glue import DEFAULT_DATA, METHODS, RESULTS, library_digest, run_id, train_args
+
+FOLDER = RESULTS / "collapse_probe"
+PROBE_SENTENCES = 64  # the first CoLA dev sentences, the same batch at every probe
+
+
+def probe_batch(data_dir: Path, tokenizer, max_length: int = 64):
+    with open(data_dir / "CoLA" / "dev.tsv", newline="") as f:
+        sentences = [row[3] for row, _ in zip(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE),
+                                              range(PROBE_SENTENCES))]
+    return tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def measure(model, batch) -> dict:
+    """Per layer: mean ||update|| / ||h|| over real tokens, and the share of the update's energy in its mean over
+    tokens (1.0: the same vector everywhere); the spread of the last layer's [CLS] vectors (RMS distance to
+    their mean, over their RMS norm)."""
+    import torch
+
+    from adakron.adapters.kron import KronAdapter
+
+    mask = batch["attention_mask"].bool()
+    seen, hooks = [], []
+
+    def hook(module, inputs, output):
+        h, update = inputs[0][mask], output[mask]  # (tokens, d)
+        ratio = (update.norm(dim=-1) / h.norm(dim=-1)).mean()
+        shared = update.mean(0).pow(2).sum() / update.pow(2).sum(-1).mean().clamp_min(1e-30)  # B = 0: 0, not NaN
+        seen.append((round(ratio.item(), 4), round(shared.item(), 4)))
+
+    for module in model.modules():
+        if isinstance(module, KronAdapter):
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(**{k: v.to(model.device) for k, v in batch.items()}, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    cls = out.hidden_states[-1][:, 0]
+    spread = (cls - cls.mean(0)).pow(2).sum(-1).mean().sqrt() / cls.pow(2).sum(-1).mean().sqrt()
+    return {"ratio": [r for r, _ in seen], "shared": [s for _, s in seen], "cls_spread": round(spread.item(), 4),
+            "logit_std": round(out.logits.std(0).mean().item(), 4)}
+
+
+def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_dir: Path) -> Path:
+    from transformers import TrainerCallback
+
+    from adakron.training.trainer import fit
+
+    method = METHODS[key]
+    path = FOLDER / f"{run_id(task, method, seed, lr)}-{steps}steps.jsonl"
+    if path.exists():
+        print(f"-- {path.name} exists", flush=True)
+        return path
+    cli = argparse.Namespace(data_dir=data_dir, quick=False, max_train_samples=None, max_eval_samples=None)
+    scratch = Path(__file__).resolve().parent.parent / "runs" / "probe" / path.stem
+    lines = []
+
+    class Probe(TrainerCallback):
+        def __init__(self):
+            self.batch = None
+
+        def _record(self, state, model):
+            from adakron.models import load_tokenizer
+
+            if self.batch is None:
+                self.batch = probe_batch(data_dir, load_tokenizer(None))
+            lines.append({"step": state.global_step, **measure(model, self.batch)})
+            print(json.dumps(lines[-1]), flush=True)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._record(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0:
+                self._record(state, model)
+            if state.global_step >= steps:
+                control.should_training_stop = True  # stop without changing the schedule's length
+
+    fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[Probe()])
+    FOLDER.mkdir(parents=True, exist_ok=True)
+    header = {"task": task, "method_key": key, "seed": seed, "lr": lr, "steps": steps,
+              "library_digest": library_digest()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
+    os.replace(tmp, path)
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def render() -> str:
+    """A table: per run, at a few steps, the largest per-layer ||update||/||h|| (with its shared share) and the
+    [CLS] spread."""
+    rows = []
+    for path in sorted(FOLDER.glob("*.jsonl")):
+        header, *lines = [json.loads(x) for x in path.read_text().splitlines()]
+        cells = []
+        for line in lines:
+            if line["step"] % 100 == 0:
+                worst = max(range(len(line["ratio"])), key=line["ratio"].__getitem__)
+                cells.append(f"{line['ratio'][worst]:.2f} (L{worst + 1}, {line['shared'][worst]:.2f}) / "
+                             f"{line['cls_spread']:.2f}")
+        rows.append((f"{header['method_key']} s{header['seed']} lr {header['lr']:g}", cells))
+    if not rows:
+        return ""
+    width = max(len(c) for _, c in rows)
+    steps = [100 * i for i in range(width)]
+    out = ["| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (width + 1) + "|"]
+    out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + " |" for name, cells in rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="adakron16-default", choices=sorted(METHODS))
+    parser.add_argument("--task", default="cola")
+    parser.add_argument("--seed", type=int, default=43)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
+    parser.add_argument("--render", action="store_true", help="print the table of finished probes")
+    args = parser.parse_args(argv)
+    if args.render:
+        print(render())
+        return 0
+    if not (args.data_dir / "CoLA").is_dir():
+        print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
+        return 0
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    run(args.task, args.method, args.seed, args.lr, args.steps, args.every, args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
