@@ -336,8 +336,9 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
               "Training seconds leave out evaluation and checkpointing. Runs here had another 1-thread job on the "
               "machine's other core.",
               "`adakron` is the library's default recipe, `adakron-paper` the authors' (what `adakron` ran before the "
-              "recipe study set the default). Compare rows of one sitting (the same date): the machine's load moves "
-              "every timing.",
+              "recipe study set the default), `adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/2 and "
+              "B at lr; u, v at lr/8). Compare rows of one sitting (the same date): the machine's load moves every "
+              "timing.",
               "", "| method | lr | measured | target | eval every | threads | reached at step (epoch) | accuracy then | "
               "training s | wall s incl. eval | s/step |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     from time_to_accuracy import GRID_KEYS

@@ -14,7 +14,7 @@ present, so the runs can be spread over sittings.
     python benchmarks/time_to_accuracy.py --methods adakron,lora --again   # a new measurement, interleaved
 
 `adakron` is the library's default recipe, `adakron-paper` the authors' (`adakron train --recipe paper`),
-`adakron-down8` the default before its down-projections' lr went from lr/8 to lr/2.
+`adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/2 and B at lr; u, v at lr/8).
 Timings on a shared machine move with its load: compare methods measured in one sitting (`--again`).
 """
 
@@ -37,9 +37,9 @@ from transformers import TrainerCallback
 HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "time_to_accuracy"
 # Each method's row of the quality grid: it trains as that row does (method and recipe), at the lr the row chose
-# on MRPC. `adakron-down8` is the default before the recipe study's last change (u, v at lr/8 instead of lr/2).
-GRID_KEYS = {"adakron": "adakron16-default", "adakron-paper": "adakron16", "adakron-down8": "adakron16-down8",
-             "lora": "lora", "full": "full"}
+# on MRPC. `adakron-down2` is the default before (u, v at lr/2, B at lr), `adakron-down8` the one before that.
+GRID_KEYS = {"adakron": "adakron16-half", "adakron-down2": "adakron16-default", "adakron-paper": "adakron16",
+             "adakron-down8": "adakron16-down8", "lora": "lora", "full": "full"}
 
 
 class StopAtTarget(TrainerCallback):
