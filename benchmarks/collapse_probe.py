@@ -8,7 +8,7 @@ past ||h|| and is the same for every token: after the residual and LayerNorm eve
 [CLS] vectors close in on one point and the head can only predict the prior.
 
     OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-default --seed 43 --lr 4e-3
-    python benchmarks/collapse_probe.py --render           # the table in RESULTS.md, from what has finished
+    python benchmarks/collapse_probe.py --render           # its section of RESULTS.md (glue.py --render)
 
 One JSONL per run under benchmarks/results/collapse_probe/ (a line per probe); a finished run is skipped.
 """
@@ -118,26 +118,31 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
     return path
 
 
-def render() -> str:
-    """A table: per run, at a few steps, the largest per-layer ||update||/||h|| (with its shared share) and the
-    [CLS] spread."""
+def section() -> list[str]:
+    """RESULTS.md's section: per run, every 100 steps, the largest per-layer ||update||/||h|| (its layer, and the
+    share of its energy that is one vector for every token), then the [CLS] spread."""
     rows = []
     for path in sorted(FOLDER.glob("*.jsonl")):
         header, *lines = [json.loads(x) for x in path.read_text().splitlines()]
         cells = []
-        for line in lines:
-            if line["step"] % 100 == 0:
-                worst = max(range(len(line["ratio"])), key=line["ratio"].__getitem__)
-                cells.append(f"{line['ratio'][worst]:.2f} (L{worst + 1}, {line['shared'][worst]:.2f}) / "
-                             f"{line['cls_spread']:.2f}")
-        rows.append((f"{header['method_key']} s{header['seed']} lr {header['lr']:g}", cells))
+        for line in (x for x in lines if x["step"] % 100 == 0):
+            worst = max(range(len(line["ratio"])), key=line["ratio"].__getitem__)
+            cells.append(f"{line['ratio'][worst]:.2f} (L{worst + 1}, {line['shared'][worst]:.2f}) / "
+                         f"{line['cls_spread']:.2f}")
+        rows.append((f"`{header['method_key']}` s{header['seed']} lr {header['lr']:g}", cells))
     if not rows:
-        return ""
+        return []
     width = max(len(c) for _, c in rows)
-    steps = [100 * i for i in range(width)]
-    out = ["| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (width + 1) + "|"]
+    out = ["### Inside a collapse (`python benchmarks/collapse_probe.py`)", "",
+           f"CoLA, the GLUE grid's run stopped early (its schedule unchanged); every 25 steps the first "
+           f"{PROBE_SENTENCES} dev sentences go through the model in eval mode. Cells, every 100 steps: the largest "
+           "per-layer mean ||update|| / ||h|| over real tokens (in brackets its layer and the share of the update's "
+           "energy in its mean over tokens: 1.00 is the same vector for every token), then the spread of the last "
+           "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). All 25-step probes are in "
+           "`benchmarks/results/collapse_probe/`.", "",
+           "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " |", "|---" * (width + 1) + "|"]
     out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + " |" for name, cells in rows]
-    return "\n".join(out)
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
-    parser.add_argument("--render", action="store_true", help="print the table of finished probes")
+    parser.add_argument("--render", action="store_true", help="print RESULTS.md's section of finished probes")
     args = parser.parse_args(argv)
     if args.render:
-        print(render())
+        print("\n".join(section()))
         return 0
     if not (args.data_dir / "CoLA").is_dir():
         print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")

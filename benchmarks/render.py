@@ -391,6 +391,9 @@ def render() -> Path:
     from recipe import section as recipe_section
 
     lines += recipe_section()
+    from collapse_probe import section as collapse_section
+
+    lines += collapse_section()
     lines += cola_section()
     lines += pooler_section()
     quick = RESULTS / "glue-quick"

@@ -181,7 +181,7 @@ def test_every_recipe_candidate_is_described_in_the_results():
 def test_each_methods_default_lr_is_the_one_the_glue_grid_chose_for_it_on_mrpc():
     from adakron.training.recipes import METHOD_LR, PAPER_LR
 
-    rows = {"adakron": "adakron16-default", "adapter": "adapter", "lora": "lora"}
+    rows = {"adakron": "adakron16-half", "adapter": "adapter", "lora": "lora"}
     for method, key in rows.items():
         assert METHOD_LR[method] == glue.chosen_lr(glue.METHODS[key], glue.RESULTS / "glue"), method
     assert PAPER_LR == glue.chosen_lr(glue.METHODS["adakron16"], glue.RESULTS / "glue")
