@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,8 +113,6 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
     os.replace(tmp, path)
-    import shutil
-
     shutil.rmtree(scratch, ignore_errors=True)
     return path
 

@@ -42,7 +42,8 @@ FOLDER = RESULTS / "madakron"
 PREVIOUS = RESULTS / "madakron-down2"
 TASKS = ("rte", "mrpc", "stsb", "cola")
 # The library's default recipe for every row: MAdaKron is measured on whatever AdaKron ships with. AdaKron's row
-# trains as the GLUE grid's `adakron16-default` does, so it adopts that grid's runs where they exist (glue.TWINS).
+# trains as the GLUE grid's `adakron16-half` (the default's row) does, so it adopts that grid's runs where they
+# exist (glue.TWINS).
 METHODS = {m.key: m for m in (
     Method("adakron16", "adakron", recipe="default"),
     Method("madakron16-partial", "adakron", recipe="default", num_experts=4, experts="outer"),
@@ -100,8 +101,7 @@ def _table(folder: Path) -> list[str]:
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not results:
         return ["No runs have finished yet.", ""]
-    lines = []
-    lines += ["Best-epoch dev score ×100 at each method's lr chosen on MRPC, mean ± std over the seeds that have "
+    lines = ["Best-epoch dev score ×100 at each method's lr chosen on MRPC, mean ± std over the seeds that have "
               "finished (their count in brackets); the merged adapter is what is evaluated.", "",
               "| method | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg | avg, seed 42 |",
               "|---" * (len(TASKS) + 4) + "|"]
