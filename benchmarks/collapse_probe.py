@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from glue import DEFAULT_DATA, METHODS, RESULTS, library_digest, run_id, train_args
+from glue import DEFAULT_DATA, METHODS, RESULTS, TASK_NAMES, TASKS, library_digest, run_id, train_args
 
 FOLDER = RESULTS / "collapse_probe"
 PROBE_SENTENCES = 64  # the first CoLA dev sentences, the same batch at every probe
@@ -108,7 +108,7 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
 
     fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[Probe()])
     FOLDER.mkdir(parents=True, exist_ok=True)
-    header = {"task": task, "method_key": key, "seed": seed, "lr": lr, "steps": steps,
+    header = {"task": task, "method_key": key, "seed": seed, "lr": lr, "steps": steps, "every": every,
               "library_digest": library_digest()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
@@ -120,45 +120,60 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
 def section() -> list[str]:
     """RESULTS.md's section: per run, every 100 steps, the largest per-layer ||update||/||h|| (its layer, and the
     share of its energy that is one vector for every token), then the [CLS] spread."""
-    rows = []
+    rows, everys = [], set()
     for path in sorted(FOLDER.glob("*.jsonl")):
         header, *lines = [json.loads(x) for x in path.read_text().splitlines()]
+        everys.add(header.get("every", 25))  # the first probes ran every 25 steps, before the header said so
         cells = []
         for line in (x for x in lines if x["step"] % 100 == 0):
             worst = max(range(len(line["ratio"])), key=line["ratio"].__getitem__)
             cells.append(f"{line['ratio'][worst]:.2f} (L{worst + 1}, {line['shared'][worst]:.2f}) / "
                          f"{line['cls_spread']:.2f}")
-        rows.append((f"`{header['method_key']}` s{header['seed']} lr {header['lr']:g}", cells))
+        rows.append((f"{TASK_NAMES[header['task']]} `{header['method_key']}` s{header['seed']} lr {header['lr']:g}",
+                     cells))
     if not rows:
         return []
     width = max(len(c) for _, c in rows)
     out = ["### Inside a collapse (`python benchmarks/collapse_probe.py`)", "",
-           f"CoLA, the GLUE grid's run stopped early (its schedule unchanged); every 25 steps the first "
-           f"{PROBE_SENTENCES} dev sentences go through the model in eval mode. Cells, every 100 steps: the largest "
+           f"The GLUE grid's run stopped early (its schedule unchanged); every {'/'.join(map(str, sorted(everys)))} "
+           f"steps the first {PROBE_SENTENCES} CoLA dev sentences go through the model in eval mode. Cells, every 100 steps: the largest "
            "per-layer mean ||update|| / ||h|| over real tokens (in brackets its layer and the share of the update's "
            "energy in its mean over tokens: 1.00 is the same vector for every token), then the spread of the last "
-           "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). All 25-step probes are in "
+           "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). All the probes are in "
            "`benchmarks/results/collapse_probe/`.", "",
            "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " |", "|---" * (width + 1) + "|"]
     out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + " |" for name, cells in rows]
     return out + [""]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+# The probe reads each layer's adapter, so it runs the methods that have one.
+PROBED = sorted(key for key, m in METHODS.items() if m.method in ("adakron", "adapter"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="adakron16-default", choices=sorted(METHODS))
-    parser.add_argument("--task", default="cola")
+    # The default is the previous default recipe (u, v at lr/2, B at lr): the one that collapsed on CoLA seed 43.
+    parser.add_argument("--method", default="adakron16-default", choices=PROBED,
+                        help="a GLUE-grid method with adapters (default: %(default)s, the previous default recipe)")
+    parser.add_argument("--task", default="cola", choices=TASKS, help="the run to train; the probe batch is CoLA's")
     parser.add_argument("--seed", type=int, default=43)
     parser.add_argument("--lr", type=float, default=4e-3)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--steps", type=positive_int, default=400)
+    parser.add_argument("--every", type=positive_int, default=25)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     parser.add_argument("--render", action="store_true", help="print RESULTS.md's section of finished probes")
     args = parser.parse_args(argv)
     if args.render:
         print("\n".join(section()))
         return 0
-    if not (args.data_dir / "CoLA").is_dir():
+    if not all((args.data_dir / folder).is_dir() for folder in {"CoLA", TASK_NAMES[args.task]}):
         print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
         return 0
     import transformers

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
 NAMES = {"adakron16-half": "AdaKron r=16 f=4", "adakron48-scaled": "AdaKron r=48 f=4",
          "adakron16-default": "AdaKron r=16 f=4, previous default (u, v at lr/2, B at lr)",
-         "adakron48-default": "AdaKron r=48 f=4, r=16's factor rates (the default before × 16/r)",
+         "adakron48-default": "AdaKron r=48 f=4, previous default unscaled (u, v at lr/2, B at lr)",
          "adakron16-down8": "AdaKron r=16 f=4, the default before that (u, v at lr/8)",
          "adakron16": "AdaKron r=16 f=4, authors' recipe", "adakron48": "AdaKron r=48 f=4, authors' recipe",
          "adapter": "Adapter r=16 (plain)",

@@ -86,7 +86,9 @@ def run(method: str, lr: float, args) -> dict:
     return {"method": method, "recipe": _recipe(method), "date": time.strftime("%Y-%m-%d"), "lr": lr,
             "target": args.target, "eval_steps": args.eval_steps,
             "seed": args.seed, "threads": torch.get_num_threads(), "trainable_params": results["trainable_params"],
-            "reached": reached, "curve": stopper.curve}
+            "reached": reached, "curve": stopper.curve,
+            # The run's resolved settings (the factor rates among them): "recipe" names a recipe whose values move.
+            "hyperparameters": results["hyperparameters"]}
 
 
 def _recipe(method: str) -> str | None:

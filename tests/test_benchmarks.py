@@ -172,6 +172,9 @@ def test_the_study_and_the_grid_share_their_runs_of_the_default_recipe_both_ways
     for (folder, key), (twin_folder, twin_key) in glue.twin_pairs():
         if twin_folder == "recipe":
             assert recipe.GLUE_KEYS[twin_key] == key
+    for candidate, grid_key in recipe.GLUE_KEYS.items():  # and the study reads only grid runs that train alike
+        for task in ("mrpc", "cola", "rte"):
+            assert _resolved(task, recipe.CANDIDATES[candidate]) == _resolved(task, glue.METHODS[grid_key]), candidate
 
 
 def test_every_recipe_candidate_is_described_in_the_results():

@@ -73,5 +73,12 @@ def test_an_adapter_on_every_down_proj_trains_a_step_and_generates(smollm2):
         # (some of SmolLM2's feed-forward outputs reach 10^4 on a short prompt, and the update is quadratic in them).
         assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
         assert replies[1] == generate(model, tokenizer, prompts[1:], [None], max_new_tokens=6)[0] != ""
+        # And the trained adapter is what the adapter row runs: its next-token scores are no longer the bare model's.
+        prompt = tokenizer(prompts[0], return_tensors="pt")
+        with torch.no_grad(), adakron.use_adapter(model, "default"):
+            adapted = model(**prompt).logits[0, -1]
+        with torch.no_grad(), adakron.disable_adapters(model):
+            bare = model(**prompt).logits[0, -1]
+        assert torch.isfinite(adapted).all() and not torch.allclose(adapted, bare)
     finally:
         adakron.unload(model)
