@@ -23,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from adakron.errors import positive_int
 from glue import DEFAULT_DATA, METHODS, RESULTS, TASK_NAMES, TASKS, library_digest, run_id, train_args
 
 FOLDER = RESULTS / "collapse_probe"
@@ -136,21 +137,15 @@ def section() -> list[str]:
     width = max(len(c) for _, c in rows)
     out = ["### Inside a collapse (`python benchmarks/collapse_probe.py`)", "",
            f"The GLUE grid's run stopped early (its schedule unchanged); every {'/'.join(map(str, sorted(everys)))} "
-           f"steps the first {PROBE_SENTENCES} CoLA dev sentences go through the model in eval mode. Cells, every 100 steps: the largest "
-           "per-layer mean ||update|| / ||h|| over real tokens (in brackets its layer and the share of the update's "
-           "energy in its mean over tokens: 1.00 is the same vector for every token), then the spread of the last "
+           f"steps the first {PROBE_SENTENCES} CoLA dev sentences go through the model in eval mode. Cells, every "
+           "100 steps: the largest per-layer mean ||update|| / ||h|| over real tokens (in brackets its layer and "
+           "the share of the update's energy in its mean over tokens: 1.00 is the same vector for every token), "
+           "then the spread of the last "
            "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). All the probes are in "
            "`benchmarks/results/collapse_probe/`.", "",
            "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " |", "|---" * (width + 1) + "|"]
     out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + " |" for name, cells in rows]
     return out + [""]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
 
 
 # The probe reads each layer's adapter, so it runs the methods that have one.

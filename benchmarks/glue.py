@@ -79,7 +79,8 @@ METHODS = {m.key: m for m in (
     # The default recipe at r=48: above rank 32 the factor rates scale by 32/r (u, v at lr/6, B at lr/3), which
     # learned on CoLA at 4e-3 in the pre-screen (benchmarks/recipe_prescreen.py) and here, on all three seeds.
     Method("adakron48-scaled", "adakron", rank=48, recipe="default"),
-    # r=48 on the default recipe as it was first (u, v at lr/2 and B at lr at every rank, unscaled): it collapsed on CoLA at lr 4e-3.
+    # r=48 on the default recipe as it was first (u, v at lr/2 and B at lr at every rank, unscaled): it collapsed
+    # on CoLA at lr 4e-3.
     Method("adakron48-default", "adakron", rank=48, recipe="default", down_lr_ratio=0.5, up_lr_ratio=1.0),
     # The default before u, v went from lr/8 to lr/2 (the recipe study's first winner), spelt out knob by knob.
     Method("adakron16-down8", "adakron", rank=16, recipe="paper", init="identity", outer_bias=1.0,

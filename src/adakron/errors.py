@@ -15,6 +15,17 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (steps, rows, threads): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage dump), exit code 2."""
 

@@ -22,8 +22,8 @@ from .kron import KronAdapter
 # (RESULTS.md). With one lr for all, CoLA and RTE stuck at the majority class at lr 4e-3. u, v at lr/8 learned there
 # but slowly at lower lrs. u, v at lr/2 with B at lr learned at every lr on seed 42, but at lr 4e-3 (its choice on
 # MRPC) CoLA stuck at the majority class on seeds 43 and 44: by step 300 the update was 33 times ||h|| in layer 3
-# and one vector for every token in layers 4-6 (benchmarks/collapse_probe.py, seed 43). Halving both (u, v at lr/4, B at lr/2)
-# learned on all three seeds.
+# and one vector for every token in layers 4-6 (benchmarks/collapse_probe.py, seed 43). Halving both (u, v at
+# lr/4, B at lr/2) learned on all three seeds.
 DOWN_LR_RATIO = 0.25
 UP_LR_RATIO = 0.5
 # The up-projection sums r hidden units, each moved by about the lr per Adam step, so the update moves further per

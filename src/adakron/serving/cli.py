@@ -14,20 +14,10 @@ from pathlib import Path
 import torch
 
 from ..adapters.checkpoint import AdapterLoadError
-from ..errors import Parser, UsageError, first_line
+from ..errors import Parser, UsageError, first_line, positive_int
 from .app import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WAIT_MS, create_app
 from .engine import ADAPTER_NAME, DEFAULT_MAX_BATCH
 from .schemas import ServeError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -51,23 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "smollm2: the embedded SmolLM2-135M-Instruct, a causal LM).")
     p.add_argument("--served-model-name", default=None,
                    help="Causal LM: the `model` name that selects the base model, no adapter (default: --model).")
-    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
                    help="Causal LM: the most tokens one request may generate (400 above).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port.")
     p.add_argument("--adapter-root", default=None, help="The only directory POST /v1/adapters may load from.")
     p.add_argument("--allow-admin", action="store_true", help="Enable POST/DELETE /v1/adapters.")
-    p.add_argument("--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS,
+    p.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS,
                    help="Rows per request (413 above); for a causal LM, prompts per /v1/completions request.")
-    p.add_argument("--max-chars", type=_positive_int, default=DEFAULT_MAX_CHARS,
+    p.add_argument("--max-chars", type=positive_int, default=DEFAULT_MAX_CHARS,
                    help="Characters per text (413 above).")
     p.add_argument("--max-wait-ms", type=_non_negative_float, default=DEFAULT_MAX_WAIT_MS,
                    help="How long a request may wait for others to share its forward pass (0: no wait; a pass "
                         "still takes every request that queued during the previous one).")
-    p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help="Rows per forward pass; for a causal LM, rows decoded together.")
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda.")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's).")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's).")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
