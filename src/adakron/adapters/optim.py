@@ -29,8 +29,8 @@ UP_LR_RATIO = 0.5
 # The up-projection sums r hidden units, each moved by about the lr per Adam step, so the update moves further per
 # step the larger r is: above rank 32 both ratios scale by 32/r. That gives rank 48 u, v at lr/6 and B at lr/3, the
 # rates it learned CoLA with on all three seeds at lr 4e-3 (with rank 16's earlier lr/2 and lr it stuck at the
-# majority class). Ranks 16 and 48 are the ones measured: ranks 17-32 get rank 16's ratios untested, and below
-# 32 the ratios are never raised (not measured either).
+# majority class). Ranks 16 and 48 are the ones measured: every other rank up to 32 gets rank 16's ratios
+# untested, and below 32 the ratios are never raised.
 REFERENCE_RANK = 32
 
 DOWN, UP, HEAD = "adakron_down", "adakron_up", "head"
