@@ -7,7 +7,7 @@ to, and how much of that update is one vector shared by every token. A collapsed
 past ||h|| and is the same for every token: after the residual and LayerNorm every sentence then looks alike, the
 [CLS] vectors close in on one point and the head can only predict the prior.
 
-    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-default --seed 43 --lr 4e-3
+    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --seed 43 --lr 4e-3
     python benchmarks/collapse_probe.py --render           # its section of RESULTS.md (glue.py --render)
 
 One JSONL per run under benchmarks/results/collapse_probe/ (a line per probe); a finished run is skipped.
@@ -155,7 +155,7 @@ PROBED = sorted(key for key, m in METHODS.items() if m.method in ("adakron", "ad
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The default is the previous default recipe (u, v at lr/2, B at lr): the one that collapsed on CoLA seed 43.
-    parser.add_argument("--method", default="adakron16-default", choices=PROBED,
+    parser.add_argument("--method", default="adakron16-down2", choices=PROBED,
                         help="a GLUE-grid method with adapters (default: %(default)s, the previous default recipe)")
     parser.add_argument("--task", default="cola", choices=TASKS, help="the run to train; the probe batch is CoLA's")
     parser.add_argument("--seed", type=int, default=43)

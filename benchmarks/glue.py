@@ -42,7 +42,7 @@ SEEDS = (42, 43, 44)
 # RTE and MRPC are small and noisy, so they get 3 seeds. So does CoLA for the methods compared in the headline: at
 # lr 4e-3 AdaKron r=16 learned CoLA on seed 42 and stuck at the majority class on seeds 43 and 44
 # (benchmarks/madakron.py), which one seed per method could not show, nor whether the others do the same.
-HEADLINE = ("adakron16-default", "adakron16-half", "adakron48-scaled", "lora", "full")
+HEADLINE = ("adakron16-down2", "adakron16-half", "adakron48-scaled", "lora", "full")
 MULTI_SEED = ({(task, key) for task in ("rte", "mrpc") for key in ("adakron16",) + HEADLINE}
               | {("cola", key) for key in HEADLINE + ("adapter",)})
 
@@ -75,13 +75,13 @@ METHODS = {m.key: m for m in (
     # The default before (u, v at lr/2, B at lr; the recipe study's `id-bias1-down2`): at lr 4e-3 CoLA stuck at the
     # majority class on seeds 43 and 44: by step 300 the update is 33 times ||h|| in layer 3 and one vector for
     # every token in layers 4-6 (benchmarks/collapse_probe.py, seed 43).
-    Method("adakron16-default", "adakron", rank=16, recipe="default", down_lr_ratio=0.5, up_lr_ratio=1.0),
+    Method("adakron16-down2", "adakron", rank=16, recipe="default", down_lr_ratio=0.5, up_lr_ratio=1.0),
     # The default recipe at r=48: above rank 32 the factor rates scale by 32/r (u, v at lr/6, B at lr/3), which
     # learned on CoLA at 4e-3 in the pre-screen (benchmarks/recipe_prescreen.py) and here, on all three seeds.
     Method("adakron48-scaled", "adakron", rank=48, recipe="default"),
     # r=48 on the default recipe as it was first (u, v at lr/2 and B at lr at every rank, unscaled): it collapsed
     # on CoLA at lr 4e-3.
-    Method("adakron48-default", "adakron", rank=48, recipe="default", down_lr_ratio=0.5, up_lr_ratio=1.0),
+    Method("adakron48-down2", "adakron", rank=48, recipe="default", down_lr_ratio=0.5, up_lr_ratio=1.0),
     # The default before u, v went from lr/8 to lr/2 (the recipe study's first winner), spelt out knob by knob.
     Method("adakron16-down8", "adakron", rank=16, recipe="paper", init="identity", outer_bias=1.0,
            down_lr_ratio=0.125),
@@ -107,7 +107,7 @@ def run_id(task: str, method: Method, seed: int, lr: float) -> str:
 # MAdaKron's AdaKron row is this grid's default row (tests/test_benchmarks.py checks each pair trains alike).
 # A method may have several twins, tried in turn.
 TWINS = {("glue", "adakron16-half"): (("madakron", "adakron16"),),
-         ("glue", "adakron16-default"): (("recipe", "id-bias1-down2"), ("madakron-down2", "adakron16")),
+         ("glue", "adakron16-down2"): (("recipe", "id-bias1-down2"), ("madakron-down2", "adakron16")),
          ("glue", "adakron16-down8"): (("recipe", "id-bias1-down8"),),
          ("madakron", "adakron16"): (("glue", "adakron16-half"),)}
 

@@ -43,7 +43,7 @@ CANDIDATES = {
     "r48+up.33": dict(rank=48, down_lr_ratio=0.5, up_lr_ratio=1 / 3),
     "r48+adapter.33": dict(rank=48, down_lr_ratio=1 / 6, up_lr_ratio=1 / 3),
 }
-R48_GRID_RUN = HERE / "results" / "glue" / "cola-adakron48-default-s42-lr0.004.json"
+R48_GRID_RUN = HERE / "results" / "glue" / "cola-adakron48-down2-s42-lr0.004.json"
 FIRST = ("paper", "identity", "id+bias1", "id+down.125", "id+bias1+down.125", "ref+down.125", "lora")
 RUNS = [(c, lr) for lr in (4e-3, 1e-3) for c in FIRST] + [
     (c, lr) for lr in (4e-3, 5e-4) for c in ("id+bias1+down.03", "id+bias1+down.25", "id+bias1+down.125+up2")] + [

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "time_to_accuracy"
 # Each method's row of the quality grid: it trains as that row does (method and recipe), at the lr the row chose
 # on MRPC. `adakron-down2` is the default before (u, v at lr/2, B at lr), `adakron-down8` the one before that.
-GRID_KEYS = {"adakron": "adakron16-half", "adakron-down2": "adakron16-default", "adakron-paper": "adakron16",
+GRID_KEYS = {"adakron": "adakron16-half", "adakron-down2": "adakron16-down2", "adakron-paper": "adakron16",
              "adakron-down8": "adakron16-down8", "lora": "lora", "full": "full"}
 
 
