@@ -98,12 +98,11 @@ def test_paper_recipe_groups_are_what_the_trainer_builds_itself(tmp_path):
 
 
 def test_train_flags_reach_the_adapter_and_the_optimizer(monkeypatch):
-    from adakron.cli import build_parser
+    from adakron.cli import build_parser, train_args
 
     ns = build_parser().parse_args(["train", "--task", "rte", "--recipe", "paper", "--outer-bias", "1",
                                     "--down-lr-ratio", "0.125", "--up-lr-ratio", "2"])
-    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
-    args = with_recipe(TrainArgs(**fields), OWN_DATA_RECIPE)
+    args = with_recipe(train_args(ns), OWN_DATA_RECIPE)
     assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 1.0, 0.125, 2.0)
 
 

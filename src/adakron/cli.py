@@ -70,9 +70,10 @@ def build_parser() -> Parser:
     method.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"],
                         help="MAdaKron: experts per down-projection, one drawn per step, merged for evaluation and "
                              "in the saved adapter (its experts are kept in <output-dir>/experts); 1 = AdaKron")
-    method.add_argument("--experts", default=DEFAULTS["experts"], choices=list(EXPERT_SITES),
-                        help="which down-projections hold experts: 'outer' (the f-wide factor; Partial MAdaKron) "
-                             "or 'both' (Full)")
+    # No default here: cmd_train must tell a typed --experts (which needs experts) from the default.
+    method.add_argument("--experts", choices=list(EXPERT_SITES),
+                        help="with --num-experts > 1, which down-projections hold experts: 'outer' (the f-wide "
+                             f"factor; Partial MAdaKron) or 'both' (Full); default: {DEFAULTS['experts']}")
     method.add_argument("--consistency-weight", type=float, default=DEFAULTS["consistency_weight"],
                         help="MAdaKron: weight of AdaMix's consistency loss between two forward passes (doubles "
                              "the forward cost of a step); 0 = off")
@@ -157,11 +158,20 @@ def build_parser() -> Parser:
     return parser
 
 
+def train_args(ns: argparse.Namespace) -> TrainArgs:
+    """`adakron train`'s flags as TrainArgs, refusing those that would be ignored."""
+    if ns.experts is not None and ns.num_experts == 1:
+        # Left unchecked, the flag would be ignored and the run would be plain AdaKron without saying so.
+        raise UsageError(f"--experts {ns.experts} places experts, but --num-experts is 1 (AdaKron, no experts): "
+                         "add --num-experts 4 (the authors' MAdaKron), or drop --experts")
+    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
+    return TrainArgs(**{**fields, "experts": ns.experts or DEFAULTS["experts"]})
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from .training.trainer import fit
 
-    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
-    results = fit(TrainArgs(**fields))
+    results = fit(train_args(ns))
     if results:
         best = {k: v for k, v in results["best"].items()}
         print(f"best dev: {json.dumps(best)}; trainable {results['trainable_params']:,} of "
