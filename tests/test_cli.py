@@ -127,8 +127,12 @@ def test_bad_input_gives_one_line_and_exit_2_with_nothing_written(tiny_model_dir
     _fails(capsys, ["train", "--rank", "ten"], "invalid int value", None)
     _fails(capsys, [*base, "--train-file", train, "--validation-file", dev, "--text-columns", "text", "--rank", "10"],
            "`rank` (10) must be divisible by `kron_factor` (4)", out)
-    _fails(capsys, [*base, "--train-file", train, "--validation-file", dev, "--text-columns", "text", "--experts",
-                    "both"], "--experts both places experts, but --num-experts is 1", out)
+    own = [*base, "--train-file", train, "--validation-file", dev, "--text-columns", "text"]
+    # A flag the method would ignore is refused: LoRA at --rank 16 would otherwise train at its own rank, 8.
+    _fails(capsys, [*own, "--method", "lora", "--rank", "16"], "--rank is for --method adakron or adapter", out)
+    _fails(capsys, [*own, "--method", "adapter", "--kron-factor", "2"], "--kron-factor is for --method adakron", out)
+    _fails(capsys, [*own, "--lora-r", "4"], "--lora-r is for --method lora; --method adakron would ignore it", out)
+    _fails(capsys, [*own, "--experts", "both"], "--experts both places experts, but --num-experts is 1", out)
 
 
 def test_existing_output_dir_is_kept_without_overwrite(tiny_model_dir, csv_data, tmp_path, capsys):

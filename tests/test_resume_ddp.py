@@ -37,8 +37,8 @@ def test_run_killed_mid_epoch_resumes_to_the_same_results(tiny_model_dir, tmp_pa
     script = textwrap.dedent(f"""
         import os, signal, sys
         from transformers import TrainerCallback
-        from adakron.cli import build_parser
-        from adakron.training.trainer import TrainArgs, fit
+        from adakron.cli import build_parser, train_args
+        from adakron.training.trainer import fit
 
         class KillMidEpoch(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
@@ -46,8 +46,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_results(tiny_model_dir, tmp_pa
                     os.kill(os.getpid(), signal.SIGKILL)
 
         ns = build_parser().parse_args(sys.argv[1:])
-        fit(TrainArgs(**{{k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}}),
-            callbacks=[KillMidEpoch()])
+        fit(train_args(ns), callbacks=[KillMidEpoch()])
     """)
     proc = subprocess.run([sys.executable, "-c", script, *_args(tiny_model_dir, train, dev, killed)], env=ENV,
                           capture_output=True, text=True, timeout=300)

@@ -20,6 +20,12 @@ from .training.recipes import ADAPTER_RECIPES, CAUSAL_LM_RECIPE, FULL_LR, METHOD
 # One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
 DEFAULTS = {f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}
 SAMPLING_DEFAULTS = {f.name: f.default for f in fields(Sampling)}
+ADAPTERS = ("adakron", "adapter")
+# `adakron train`'s flags that only some methods read (the others train as if the flag were not there).
+METHOD_FLAGS = {"rank": ADAPTERS, "kron_factor": ("adakron",), "recipe": ADAPTERS, "init": ADAPTERS,
+                "outer_bias": ADAPTERS, "down_lr_ratio": ADAPTERS, "up_lr_ratio": ADAPTERS, "placement": ADAPTERS,
+                "num_experts": ADAPTERS, "experts": ADAPTERS, "consistency_weight": ADAPTERS,
+                "lora_r": ("lora",), "lora_alpha": ("lora",)}
 
 
 def _columns(value: str) -> list[str]:
@@ -49,10 +55,12 @@ def build_parser() -> Parser:
     method.add_argument("--model", help="minilm (the embedded all-MiniLM-L6-v2, the default), smollm2 (the "
                                         "embedded SmolLM2-135M-Instruct decoder), a local folder or a hub id")
     method.add_argument("--method", default=DEFAULTS["method"], choices=METHODS)
-    method.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="adapter size r (adakron, adapter)")
-    method.add_argument("--kron-factor", type=int, default=DEFAULTS["kron_factor"],
-                        help="outer factor width f (adakron)")
-    method.add_argument("--recipe", default=DEFAULTS["recipe"], choices=list(ADAPTER_RECIPES),
+    # The flags of one method have no default here: train_args tells a typed flag from one left out, refuses it
+    # under a method that would ignore it (METHOD_FLAGS) and fills in the default.
+    method.add_argument("--rank", type=int, help=f"adapter size r (adakron, adapter; default: {DEFAULTS['rank']})")
+    method.add_argument("--kron-factor", type=int,
+                        help=f"outer factor width f (adakron; default: {DEFAULTS['kron_factor']})")
+    method.add_argument("--recipe", choices=list(ADAPTER_RECIPES),
                         help="adakron/adapter recipe: 'default' (this library's, see README) or 'paper' (the "
                              "authors' code: their init, one lr for everything); the four flags below override it")
     ours, paper = ADAPTER_RECIPES["default"], ADAPTER_RECIPES["paper"]
@@ -67,19 +75,20 @@ def build_parser() -> Parser:
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
                         f"(default: {ours.up_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper: {paper.up_lr_ratio:g})")
-    method.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"],
+    method.add_argument("--num-experts", type=int,
                         help="MAdaKron: experts per down-projection, one drawn per step, merged for evaluation and "
-                             "in the saved adapter (its experts are kept in <output-dir>/experts); 1 = AdaKron")
-    # No default here: cmd_train must tell a typed --experts (which needs experts) from the default.
+                             "in the saved adapter (its experts are kept in <output-dir>/experts); default 1 = "
+                             "AdaKron")
     method.add_argument("--experts", choices=list(EXPERT_SITES),
                         help="with --num-experts > 1, which down-projections hold experts: 'outer' (the f-wide "
                              f"factor; Partial MAdaKron) or 'both' (Full); default: {DEFAULTS['experts']}")
-    method.add_argument("--consistency-weight", type=float, default=DEFAULTS["consistency_weight"],
+    method.add_argument("--consistency-weight", type=float,
                         help="MAdaKron: weight of AdaMix's consistency loss between two forward passes (doubles "
-                             "the forward cost of a step); 0 = off")
-    method.add_argument("--placement", default=DEFAULTS["placement"], choices=list(PLACEMENTS))
-    method.add_argument("--lora-r", type=int, default=DEFAULTS["lora_r"])
-    method.add_argument("--lora-alpha", type=int, default=DEFAULTS["lora_alpha"])
+                             "the forward cost of a step); default 0 = off")
+    method.add_argument("--placement", choices=list(PLACEMENTS),
+                        help=f"which sub-layers get adapters (adakron, adapter; default: {DEFAULTS['placement']})")
+    method.add_argument("--lora-r", type=int, help=f"LoRA's rank (lora; default: {DEFAULTS['lora_r']})")
+    method.add_argument("--lora-alpha", type=int, help=f"LoRA's alpha (lora; default: {DEFAULTS['lora_alpha']})")
     recipe = train.add_argument_group("recipe (defaults per task: see README)")
     recipe.add_argument("--epochs", type=float)
     recipe.add_argument("--lr", type=float, help="the task head's learning rate (default: "
@@ -159,13 +168,18 @@ def build_parser() -> Parser:
 
 
 def train_args(ns: argparse.Namespace) -> TrainArgs:
-    """`adakron train`'s flags as TrainArgs, refusing those that would be ignored."""
-    if ns.experts is not None and ns.num_experts == 1:
-        # Left unchecked, the flag would be ignored and the run would be plain AdaKron without saying so.
+    """`adakron train`'s flags as TrainArgs, refusing those that would be ignored: left unchecked, `--method lora
+    --rank 16` would train LoRA at its own rank without saying so."""
+    for dest, methods in METHOD_FLAGS.items():
+        if getattr(ns, dest) is not None and ns.method not in methods:
+            raise UsageError(f"--{dest.replace('_', '-')} is for --method {' or '.join(methods)}; "
+                             f"--method {ns.method} would ignore it: drop it")
+    if ns.experts is not None and (ns.num_experts or DEFAULTS["num_experts"]) == 1:
         raise UsageError(f"--experts {ns.experts} places experts, but --num-experts is 1 (AdaKron, no experts): "
                          "add --num-experts 4 (the authors' MAdaKron), or drop --experts")
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
-    return TrainArgs(**{**fields, "experts": ns.experts or DEFAULTS["experts"]})
+    return TrainArgs(**{**fields, **{dest: DEFAULTS[dest] for dest in METHOD_FLAGS
+                                     if fields[dest] is None and dest in DEFAULTS}})
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
