@@ -68,15 +68,16 @@ def test_every_default_of_the_adapter_is_written_once():
     from dataclasses import fields
 
     from adakron import AdaKronConfig
-    from adakron.cli import build_parser
+    from adakron.cli import build_parser, train_args
     from adakron.training.recipes import TrainArgs
 
     config = {f.name: f.default for f in fields(AdaKronConfig)}
     args = {f.name: f.default for f in fields(TrainArgs)}
     assert (args["rank"], args["kron_factor"], args["placement"]) == (config["rank"], config["kron_factor"],
                                                                       config["placement"])
-    train = build_parser().parse_args(["train", "--task", "rte"])
-    assert (train.rank, train.kron_factor) == (config["rank"], config["kron_factor"])
+    train = train_args(build_parser().parse_args(["train", "--task", "rte"]))
+    assert (train.rank, train.kron_factor, train.placement, train.num_experts, train.experts) == (
+        config["rank"], config["kron_factor"], config["placement"], config["num_experts"], config["experts"])
 
 
 def test_the_promises_page_names_only_tests_that_exist():
