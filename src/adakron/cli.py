@@ -174,12 +174,12 @@ def train_args(ns: argparse.Namespace) -> TrainArgs:
         if getattr(ns, dest) is not None and ns.method not in methods:
             raise UsageError(f"--{dest.replace('_', '-')} is for --method {' or '.join(methods)}; "
                              f"--method {ns.method} would ignore it: drop it")
-    if ns.experts is not None and (ns.num_experts or DEFAULTS["num_experts"]) == 1:
+    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
+    args = TrainArgs(**{**fields, **{dest: DEFAULTS[dest] for dest in METHOD_FLAGS if fields[dest] is None}})
+    if ns.experts is not None and args.num_experts == 1:
         raise UsageError(f"--experts {ns.experts} places experts, but --num-experts is 1 (AdaKron, no experts): "
                          "add --num-experts 4 (the authors' MAdaKron), or drop --experts")
-    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
-    return TrainArgs(**{**fields, **{dest: DEFAULTS[dest] for dest in METHOD_FLAGS
-                                     if fields[dest] is None and dest in DEFAULTS}})
+    return args
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
