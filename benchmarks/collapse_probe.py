@@ -10,6 +10,14 @@ past ||h|| and is the same for every token: after the residual and LayerNorm eve
     OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --seed 43 --lr 4e-3
     python benchmarks/collapse_probe.py --render           # its section of RESULTS.md (glue.py --render)
 
+Two remedies the library does not have can be tried here before anyone builds them (each changes the run's file
+name): ``--outer-lr-ratio X`` trains the outer factor u at X times ``--lr`` (its rows of the fused down-projection, by
+scaling their AdamW step, which is linear in the lr; v keeps the method's rate), and ``--update-cap C`` caps each token's
+update at C times ||h|| (the adapter's output rescaled, as a forward hook). ``--steps`` past one epoch also records the
+dev metric the run reached at each epoch.
+
+    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --outer-lr-ratio 0.25 --steps 540
+
 One JSONL per run under benchmarks/results/collapse_probe/ (a line per probe); a finished run is skipped.
 """
 
@@ -21,10 +29,12 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from adakron.errors import positive_int
-from glue import DEFAULT_DATA, METHODS, RESULTS, TASK_NAMES, TASKS, library_digest, run_id, train_args
+from adakron.errors import positive_float, positive_int
+import remedies
+from glue import DEFAULT_DATA, METHODS, REPORTED, RESULTS, TASK_NAMES, TASKS, library_digest, run_id, train_args
 
 FOLDER = RESULTS / "collapse_probe"
 PROBE_SENTENCES = 64  # the first CoLA dev sentences, the same batch at every probe
@@ -72,13 +82,28 @@ def measure(model, batch) -> dict:
             "logit_std": round(out.logits.std(0).mean().item(), 4)}
 
 
-def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_dir: Path) -> Path:
+VARIANTS = (("down", "down_lr_ratio"), ("up", "up_lr_ratio"), ("outer", "outer_lr_ratio"), ("cap", "update_cap"))
+
+
+def variant_tag(**variant: float | None) -> str:
+    """The part of a probe's file name that says what it changed of its method ('' for nothing): factor rates other
+    than the method's, or an experimental remedy."""
+    return "".join(f"-{name}{variant[key]:g}" for name, key in VARIANTS if variant.get(key) is not None)
+
+
+def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_dir: Path,
+        down_lr_ratio: float | None = None, up_lr_ratio: float | None = None, outer_lr_ratio: float | None = None,
+        update_cap: float | None = None) -> Path:
     from transformers import TrainerCallback
 
     from adakron.training.trainer import fit
 
     method = METHODS[key]
-    path = FOLDER / f"{run_id(task, method, seed, lr)}-{steps}steps.jsonl"
+    rates = {k: v for k, v in (("down_lr_ratio", down_lr_ratio), ("up_lr_ratio", up_lr_ratio)) if v is not None}
+    method = replace(method, **rates)
+    tag = variant_tag(down_lr_ratio=down_lr_ratio, up_lr_ratio=up_lr_ratio, outer_lr_ratio=outer_lr_ratio,
+                      update_cap=update_cap)
+    path = FOLDER / f"{run_id(task, method, seed, lr)}-{steps}steps{tag}.jsonl"
     if path.exists():
         print(f"-- {path.name} exists", flush=True)
         return path
@@ -101,16 +126,23 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self._record(state, model)
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics:
+                lines.append({"step": state.global_step, "eval": {k: round(v, 4) for k, v in metrics.items()
+                                                                  if isinstance(v, float)}})
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % every == 0:
                 self._record(state, model)
             if state.global_step >= steps:
                 control.should_training_stop = True  # stop without changing the schedule's length
 
-    fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[Probe()])
+    step_ratio = remedies.outer_step_ratio(method, outer_lr_ratio)
+    fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[remedies.callback(step_ratio, update_cap), Probe()])
     FOLDER.mkdir(parents=True, exist_ok=True)
     header = {"task": task, "method_key": key, "seed": seed, "lr": lr, "steps": steps, "every": every,
-              "library_digest": library_digest()}
+              "down_lr_ratio": remedies.down_lr_ratio(method), "up_lr_ratio": method.up_lr_ratio, "outer_lr_ratio": outer_lr_ratio,
+              "update_cap": update_cap, "library_digest": library_digest()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
     os.replace(tmp, path)
@@ -125,26 +157,40 @@ def section() -> list[str]:
     for path in sorted(FOLDER.glob("*.jsonl")):
         header, *lines = [json.loads(x) for x in path.read_text().splitlines()]
         everys.add(header.get("every", 25))  # the first probes ran every 25 steps, before the header said so
+        probes = [x for x in lines if "ratio" in x]
+        dev = [x["eval"] for x in lines if "eval" in x]
         cells = []
-        for line in (x for x in lines if x["step"] % 100 == 0):
+        for line in (x for x in probes if x["step"] % 100 == 0):
             worst = max(range(len(line["ratio"])), key=line["ratio"].__getitem__)
             cells.append(f"{line['ratio'][worst]:.2f} (L{worst + 1}, {line['shared'][worst]:.2f}) / "
                          f"{line['cls_spread']:.2f}")
-        rows.append((f"{TASK_NAMES[header['task']]} `{header['method_key']}` s{header['seed']} lr {header['lr']:g}",
-                     cells))
+        tag = variant_tag(**{k: header.get(k) for _, k in VARIANTS[2:]})
+        rates = "".join(f", {name} lr×{header[k]:g}" for name, k in (("u, v", "down_lr_ratio"), ("B", "up_lr_ratio"))
+                        if k in header and header[k] != METHODS[header["method_key"]].__dict__[k])
+        metric = f"eval_dev_{REPORTED[header['task']]}"
+        # One evaluation per finished epoch, and one where the probe stopped the run (in brackets).
+        scores = [f"{100 * d[metric]:.1f}" if float(d.get("epoch", 0)).is_integer() else f"({100 * d[metric]:.1f})"
+                  for d in dev if metric in d]
+        rows.append((f"{TASK_NAMES[header['task']]} `{header['method_key']}{tag}`{rates} s{header['seed']} "
+                     f"lr {header['lr']:g}", cells, " / ".join(scores) or "–"))
     if not rows:
         return []
-    width = max(len(c) for _, c in rows)
+    width = max(len(c) for _, c, _ in rows)
     out = ["### Inside a collapse (`python benchmarks/collapse_probe.py`)", "",
            f"The GLUE grid's run stopped early (its schedule unchanged); every {'/'.join(map(str, sorted(everys)))} "
            f"steps the first {PROBE_SENTENCES} CoLA dev sentences go through the model in eval mode. Cells, every "
            "100 steps: the largest per-layer mean ||update|| / ||h|| over real tokens (in brackets its layer and "
            "the share of the update's energy in its mean over tokens: 1.00 is the same vector for every token), "
            "then the spread of the last "
-           "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). All the probes are in "
-           "`benchmarks/results/collapse_probe/`.", "",
-           "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " |", "|---" * (width + 1) + "|"]
-    out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + " |" for name, cells in rows]
+           "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). The last column is the dev "
+           "metric after each finished epoch (CoLA's epoch is 268 steps), in brackets where the probe stopped the run. Runs named `-outerX` train the outer "
+           "factor u at X times the lr (v keeps the method's rate), and `-capC` cap each token's update at C × "
+           "||h||: remedies tried here, not in the library; `u, v lr×`/`B lr×` name factor rates other than the "
+           "method's. All the probes are in `benchmarks/results/collapse_probe/`.", "",
+           "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " | dev metric ×100 by epoch |",
+           "|---" * (width + 2) + "|"]
+    out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + f" | {dev} |"
+            for name, cells, dev in rows]
     return out + [""]
 
 
@@ -162,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--steps", type=positive_int, default=400)
     parser.add_argument("--every", type=positive_int, default=25)
+    parser.add_argument("--down-lr-ratio", type=positive_float, help="u, v's rate over --lr (default: the method's)")
+    parser.add_argument("--up-lr-ratio", type=positive_float, help="B's rate over --lr (default: the method's)")
+    parser.add_argument("--outer-lr-ratio", type=positive_float,
+                        help="experimental: u's rate as a multiple of --lr, v keeping its own (not in the library)")
+    parser.add_argument("--update-cap", type=positive_float,
+                        help="experimental: cap each token's update at this multiple of ||h|| (not in the library)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     parser.add_argument("--render", action="store_true", help="print RESULTS.md's section of finished probes")
     args = parser.parse_args(argv)
@@ -174,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    run(args.task, args.method, args.seed, args.lr, args.steps, args.every, args.data_dir)
+    run(args.task, args.method, args.seed, args.lr, args.steps, args.every, args.data_dir, args.down_lr_ratio,
+        args.up_lr_ratio, args.outer_lr_ratio, args.update_cap)
     return 0
 
 

@@ -60,6 +60,9 @@ class Method:
     outer_bias: float | None = None
     down_lr_ratio: float | None = None
     up_lr_ratio: float | None = None
+    # u's rate over --lr where it differs from v's (None: as v), a remedy the library does not have: applied from the
+    # outside by scaling u's rows' AdamW step (benchmarks/remedies.py), for the recipe study's candidates.
+    outer_lr_ratio: float | None = None
     num_experts: int = 1  # MAdaKron (benchmarks/madakron.py)
     experts: str = "outer"
     consistency_weight: float = 0.0
@@ -186,8 +189,17 @@ def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) ->
 
     scratch = HERE.parent / "runs" / "bench" / path.parent.name / path.stem
     print(f"== {path.stem}", flush=True)
-    results = fit(train_args(task, method, seed, lr, args, scratch))
+    callbacks = []
+    if method.outer_lr_ratio is not None:
+        import remedies
+
+        callbacks.append(remedies.callback(remedies.outer_step_ratio(method, method.outer_lr_ratio)))
+        results_extra = {"outer_lr_ratio": method.outer_lr_ratio}
+    else:
+        results_extra = {}
+    results = fit(train_args(task, method, seed, lr, args, scratch), callbacks=callbacks)
     require_same_library(args)  # a change during the run may have mixed old and new modules
+    results.update(results_extra)
     results["method_key"] = method.key
     results["library_digest"] = args.library_digest
     results["threads"] = torch.get_num_threads()
