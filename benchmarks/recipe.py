@@ -128,8 +128,9 @@ def run(args) -> None:
                 for task in TASKS:
                     _one(task, CANDIDATES[key], seed, lr, args)
         return
-    for task, key, lr in screen_order(keys, args.tasks, args.lrs):
-        _one(task, CANDIDATES[key], 42, lr, args)
+    for seed in args.seeds:
+        for task, key, lr in screen_order(keys, args.tasks, args.lrs):
+            _one(task, CANDIDATES[key], seed, lr, args)
 
 
 def _one(task: str, method: Method, seed: int, lr: float, args) -> None:
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the screen's tasks, in the order to run them (e.g. mrpc first: it picks the lr)")
     parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=list(SCREEN_LRS),
                         help="the screen's lrs, in the order to run them")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42],
+                        help="the screen's seeds (default 42; 43,44 check a collapse at one lr before --confirm)")
     parser.add_argument("--confirm", type=lambda s: s.split(","), help="two candidates to run on seeds 43, 44")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md")
@@ -241,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.candidates + (args.confirm or [])) - set(CANDIDATES))
     if unknown:
         parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
-    if set(args.tasks) - set(TASKS) or set(args.lrs) - set(LRS):
-        parser.error(f"the screen covers tasks {list(TASKS)} and lrs {list(LRS)}; choose among them")
+    if set(args.tasks) - set(TASKS) or set(args.lrs) - set(LRS) or set(args.seeds) - set(SEEDS):
+        parser.error(f"the screen covers tasks {list(TASKS)}, lrs {list(LRS)} and seeds {list(SEEDS)}; choose among "
+                     "them")
     if not args.render:
         full_pass(args, run, "recipe")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
