@@ -165,7 +165,8 @@ def section() -> list[str]:
             cells.append(f"{line['ratio'][worst]:.2f} (L{worst + 1}, {line['shared'][worst]:.2f}) / "
                          f"{line['cls_spread']:.2f}")
         tag = variant_tag(**{k: header.get(k) for _, k in VARIANTS[2:]})
-        rates = "".join(f", {name} lr×{header[k]:g}" for name, k in (("u, v", "down_lr_ratio"), ("B", "up_lr_ratio"))
+        down = "v" if header.get("outer_lr_ratio") is not None else "u, v"  # u's own rate is in the tag
+        rates = "".join(f", {name} lr×{header[k]:g}" for name, k in ((down, "down_lr_ratio"), ("B", "up_lr_ratio"))
                         if k in header and header[k] != METHODS[header["method_key"]].__dict__[k])
         metric = f"eval_dev_{REPORTED[header['task']]}"
         # One evaluation per finished epoch, and one where the probe stopped the run (in brackets).
@@ -185,8 +186,8 @@ def section() -> list[str]:
            "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). The last column is the dev "
            "metric after each finished epoch (CoLA's epoch is 268 steps), in brackets where the probe stopped the run. Runs named `-outerX` train the outer "
            "factor u at X times the lr (v keeps the method's rate), and `-capC` cap each token's update at C × "
-           "||h||: remedies tried here, not in the library; `u, v lr×`/`B lr×` name factor rates other than the "
-           "method's. All the probes are in `benchmarks/results/collapse_probe/`.", "",
+           "||h||: remedies tried here, not in the library; `u, v lr×`/`v lr×`/`B lr×` name factor rates "
+           "other than the method's. All the probes are in `benchmarks/results/collapse_probe/`.", "",
            "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " | dev metric ×100 by epoch |",
            "|---" * (width + 2) + "|"]
     out += [f"| {name} | " + " | ".join(cells + ["–"] * (width - len(cells))) + f" | {dev} |"
