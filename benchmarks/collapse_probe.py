@@ -141,7 +141,7 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
     fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[remedies.callback(step_ratio, update_cap), Probe()])
     FOLDER.mkdir(parents=True, exist_ok=True)
     header = {"task": task, "method_key": key, "seed": seed, "lr": lr, "steps": steps, "every": every,
-              "down_lr_ratio": remedies.down_lr_ratio(method), "up_lr_ratio": method.up_lr_ratio, "outer_lr_ratio": outer_lr_ratio,
+              **dict(zip(("down_lr_ratio", "up_lr_ratio"), remedies.factor_rates(method))), "outer_lr_ratio": outer_lr_ratio,
               "update_cap": update_cap, "library_digest": library_digest()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
@@ -166,14 +166,15 @@ def section() -> list[str]:
                          f"{line['cls_spread']:.2f}")
         tag = variant_tag(**{k: header.get(k) for _, k in VARIANTS[2:]})
         down = "v" if header.get("outer_lr_ratio") is not None else "u, v"  # u's own rate is in the tag
+        own = dict(zip(("down_lr_ratio", "up_lr_ratio"), remedies.factor_rates(METHODS[header["method_key"]])))
         rates = "".join(f", {name} lr×{header[k]:g}" for name, k in ((down, "down_lr_ratio"), ("B", "up_lr_ratio"))
-                        if k in header and header[k] != METHODS[header["method_key"]].__dict__[k])
+                        if header.get(k) is not None and header[k] != own[k])
         metric = f"eval_dev_{REPORTED[header['task']]}"
         # One evaluation per finished epoch, and one where the probe stopped the run (in brackets).
         scores = [f"{100 * d[metric]:.1f}" if float(d.get("epoch", 0)).is_integer() else f"({100 * d[metric]:.1f})"
                   for d in dev if metric in d]
         rows.append((f"{TASK_NAMES[header['task']]} `{header['method_key']}{tag}`{rates} s{header['seed']} "
-                     f"lr {header['lr']:g}", cells, " / ".join(scores) or "–"))
+                     f"lr {header['lr']:g}, {header.get('steps', 400)} steps", cells, " / ".join(scores) or "–"))
     if not rows:
         return []
     width = max(len(c) for _, c, _ in rows)

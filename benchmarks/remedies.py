@@ -14,8 +14,12 @@ def scale_outer_steps(optimizer, model, ratio: float) -> None:
 
     from adakron.adapters.kron import KronAdapter
 
-    rows = [(p, module.outer) for module in model.modules() if isinstance(module, KronAdapter) and module.outer
-            and not module.has_experts for p in (module.adakron_down.weight, module.adakron_down.bias)]
+    adapters = [m for m in model.modules() if isinstance(m, KronAdapter)]
+    if not adapters or any(not m.outer or m.has_experts for m in adapters):
+        # A run named for this remedy must have had it: LoRA, the plain adapter (no u) and MAdaKron (u apart) have not.
+        raise ValueError("an outer-factor rate needs AdaKron adapters with a fused down-projection (kron_factor > 1, "
+                         "no experts)")
+    rows = [(p, m.outer) for m in adapters for p in (m.adakron_down.weight, m.adakron_down.bias)]
     before: list = []
     optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
 
@@ -36,21 +40,28 @@ def cap_updates(model, cap: float) -> None:
     from adakron.adapters.kron import KronAdapter
 
     def hook(module, inputs, output):
+        # As measured: the gradient also flows through ||h||, into the layers below.
         limit = cap * inputs[0].norm(dim=-1, keepdim=True)
         return output * (limit / output.norm(dim=-1, keepdim=True).maximum(limit).clamp_min(1e-30))
 
-    for module in model.modules():
-        if isinstance(module, KronAdapter):
-            module.register_forward_hook(hook)  # registered first, so later hooks (a probe's) see the capped update
+    adapters = [m for m in model.modules() if isinstance(m, KronAdapter)]
+    if not adapters:
+        raise ValueError("an update cap needs adapters (--method adakron or adapter)")
+    for module in adapters:
+        module.register_forward_hook(hook)  # registered first, so later hooks (a probe's) see the capped update
+
+
+def factor_rates(method) -> tuple[float, float]:
+    """(down, up): the rates of a benchmark method's down- and up-projections over --lr, its own or its recipe's."""
+    from adakron.training.recipes import adapter_recipe
+
+    recipe = adapter_recipe(method.recipe, method=method.method, rank=method.rank)
+    return (recipe.down_lr_ratio if method.down_lr_ratio is None else method.down_lr_ratio,
+            recipe.up_lr_ratio if method.up_lr_ratio is None else method.up_lr_ratio)
 
 
 def down_lr_ratio(method) -> float:
-    """The rate of a benchmark method's down-projections over --lr: its own, or its recipe's."""
-    if method.down_lr_ratio is not None:
-        return method.down_lr_ratio
-    from adakron.training.recipes import adapter_recipe
-
-    return adapter_recipe(method.recipe, method=method.method, rank=method.rank).down_lr_ratio
+    return factor_rates(method)[0]
 
 
 def outer_step_ratio(method, outer_lr_ratio: float | None) -> float | None:

@@ -109,7 +109,9 @@ def _resolved(task, method):
 
     args = glue.train_args(task, method, 42, 2e-3, SimpleNamespace(data_dir="d", quick=False, max_train_samples=None,
                                                                    max_eval_samples=None), Path("out"))
-    return {k: v for k, v in asdict(with_recipe(args, RECIPES[task])).items() if k != "recipe"}
+    # outer_lr_ratio is applied by the benchmark, not a TrainArgs field: a twin must have the same.
+    return {**{k: v for k, v in asdict(with_recipe(args, RECIPES[task])).items() if k != "recipe"},
+            "outer_lr_ratio": method.outer_lr_ratio}
 
 
 def _study_method(folder, key):
@@ -188,3 +190,12 @@ def test_each_methods_default_lr_is_the_one_the_glue_grid_chose_for_it_on_mrpc()
     for method, key in rows.items():
         assert METHOD_LR[method] == glue.chosen_lr(glue.METHODS[key], glue.RESULTS / "glue"), method
     assert PAPER_LR == glue.chosen_lr(glue.METHODS["adakron16"], glue.RESULTS / "glue")
+
+
+def test_screen_runs_on_other_seeds_are_shown_where_the_confirmation_table_would_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "FOLDER", tmp_path)
+    monkeypatch.setattr(recipe, "GLUE_FOLDER", tmp_path / "none")
+    method = recipe.CANDIDATES["id-bias1-u8-down2"]
+    run = {"best": {"dev_matthews_correlation": 0.2}, "epochs": [{"train_loss": 0.5}]}
+    (tmp_path / f"{glue.run_id('cola', method, 43, 4e-3)}.json").write_text(json.dumps(run))
+    assert recipe._other_seeds_table()[-2] == "| `id-bias1-u8-down2` | CoLA | 0.004 | 20.0 (0.500) | – |"
