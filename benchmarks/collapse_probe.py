@@ -16,7 +16,7 @@ scaling their AdamW step, which is linear in the lr; v keeps the method's rate),
 update at C times ||h|| (the adapter's output rescaled, as a forward hook). ``--steps`` past one epoch also records the
 dev metric the run reached at each epoch.
 
-    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --outer-lr-ratio 0.25 --steps 540
+    OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --outer-lr-ratio 0.125 --steps 540
 
 One JSONL per run under benchmarks/results/collapse_probe/ (a line per probe); a finished run is skipped.
 """

@@ -194,12 +194,10 @@ def _train(task: str, method: Method, seed: int, lr: float, args, path: Path) ->
         import remedies
 
         callbacks.append(remedies.callback(remedies.outer_step_ratio(method, method.outer_lr_ratio)))
-        results_extra = {"outer_lr_ratio": method.outer_lr_ratio}
-    else:
-        results_extra = {}
     results = fit(train_args(task, method, seed, lr, args, scratch), callbacks=callbacks)
     require_same_library(args)  # a change during the run may have mixed old and new modules
-    results.update(results_extra)
+    if method.outer_lr_ratio is not None:  # not a TrainArgs field, so results.json's hyperparameters lack it
+        results["outer_lr_ratio"] = method.outer_lr_ratio
     results["method_key"] = method.key
     results["library_digest"] = args.library_digest
     results["threads"] = torch.get_num_threads()

@@ -60,13 +60,9 @@ def factor_rates(method) -> tuple[float, float]:
             recipe.up_lr_ratio if method.up_lr_ratio is None else method.up_lr_ratio)
 
 
-def down_lr_ratio(method) -> float:
-    return factor_rates(method)[0]
-
-
 def outer_step_ratio(method, outer_lr_ratio: float | None) -> float | None:
     """u's rate over --lr (``outer_lr_ratio``) as a multiple of the fused matrix's step, which is v's rate."""
-    return None if outer_lr_ratio is None else outer_lr_ratio / down_lr_ratio(method)
+    return None if outer_lr_ratio is None else outer_lr_ratio / factor_rates(method)[0]
 
 
 def callback(outer_step_ratio: float | None = None, update_cap: float | None = None):

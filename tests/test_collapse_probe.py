@@ -20,8 +20,7 @@ from adakron.adapters.kron import KronAdapter
 
 def adapter(seed: int = 0) -> KronAdapter:
     torch.manual_seed(seed)
-    module = KronAdapter(12, AdaKronConfig(rank=8, kron_factor=4, init="reference"))
-    return module
+    return KronAdapter(12, AdaKronConfig(rank=8, kron_factor=4, init="reference"))
 
 
 def test_outer_lr_ratio_is_u_trained_at_that_multiple_of_the_lr_step_after_step_under_a_schedule():
