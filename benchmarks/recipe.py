@@ -83,7 +83,8 @@ DESCRIPTIONS = {
 # Runs the GLUE grid already holds for the same settings, under its own method keys (the winner is the library's
 # default recipe, whose grid rows adopt the study's runs in turn: glue.TWINS).
 GLUE_KEYS = {"paper": "adakron16", "lora": "lora", "id-bias1-down8": "adakron16-down8",
-             "id-bias1-down2": "adakron16-down2", "id-bias1-down4-up2": "adakron16-half"}
+             "id-bias1-down2": "adakron16-down2", "id-bias1-down4-up2": "adakron16-half",
+             "id-bias1-u8-down2": "adakron16-u8"}
 
 
 def reused(task: str, key: str, seed: int, lr: float) -> dict | None:

@@ -31,6 +31,7 @@ NAMES = {"adakron16-half": "AdaKron r=16 f=4", "adakron48-scaled": "AdaKron r=48
          "adakron16-down2": "AdaKron r=16 f=4, previous default (u, v at lr/2, B at lr)",
          "adakron48-down2": "AdaKron r=48 f=4, previous default unscaled (u, v at lr/2, B at lr)",
          "adakron16-down8": "AdaKron r=16 f=4, the default before that (u, v at lr/8)",
+         "adakron16-u8": "AdaKron r=16 f=4, candidate (u at lr/8, v at lr/2, B at lr)",
          "adakron16": "AdaKron r=16 f=4, authors' recipe", "adakron48": "AdaKron r=48 f=4, authors' recipe",
          "adapter": "Adapter r=16 (plain)",
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
