@@ -99,7 +99,8 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
     from adakron.training.trainer import fit
 
     method = METHODS[key]
-    rates = {k: v for k, v in (("down_lr_ratio", down_lr_ratio), ("up_lr_ratio", up_lr_ratio)) if v is not None}
+    rates = {k: v for k, v in (("down_lr_ratio", down_lr_ratio), ("up_lr_ratio", up_lr_ratio),
+                               ("outer_lr_ratio", outer_lr_ratio)) if v is not None}
     method = replace(method, **rates)
     tag = variant_tag(down_lr_ratio=down_lr_ratio, up_lr_ratio=up_lr_ratio, outer_lr_ratio=outer_lr_ratio,
                       update_cap=update_cap)
@@ -137,8 +138,7 @@ def run(task: str, key: str, seed: int, lr: float, steps: int, every: int, data_
             if state.global_step >= steps:
                 control.should_training_stop = True  # stop without changing the schedule's length
 
-    step_ratio = remedies.outer_step_ratio(method, outer_lr_ratio)
-    fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[remedies.callback(step_ratio, update_cap), Probe()])
+    fit(train_args(task, method, seed, lr, cli, scratch), callbacks=[remedies.callback(update_cap), Probe()])
     FOLDER.mkdir(parents=True, exist_ok=True)
     header = {"task": task, "method_key": key, "seed": seed, "lr": lr, "steps": steps, "every": every,
               **dict(zip(("down_lr_ratio", "up_lr_ratio"), remedies.factor_rates(method))), "outer_lr_ratio": outer_lr_ratio,

@@ -63,8 +63,8 @@ CANDIDATES = {m.key: m for m in (
     # Added after benchmarks/collapse_probe.py: with u alone at lr/8 and v, B at `id-bias1-down2`'s rates, on CoLA
     # seeds 43 and 44 at lr 4e-3 the update stayed below ||h|| and the [CLS] vectors apart for 540 steps, where
     # `id-bias1-down2` collapsed by step 400 (its dev Matthews after two epochs was still low: 0.4 / -2.1, 0.0 / 0.0).
-    # u and v share one fused matrix, so u's rate is applied from the outside (benchmarks/remedies.py); the library
-    # has no such knob yet.
+    # Its first runs applied u's rate from the benchmark, when u and v were one matrix; the library has it now
+    # (`adakron train --outer-lr-ratio`), and glue.Method.outer_lr_ratio says how the two were shown to agree.
     Method("id-bias1-u8-down2", "adakron", recipe="paper", init="identity", outer_bias=1.0, down_lr_ratio=0.5,
            up_lr_ratio=1.0, outer_lr_ratio=0.125),
 )}
@@ -78,7 +78,7 @@ DESCRIPTIONS = {
     "id-bias1-down4-up2": "as `id-bias1-down2`, but u and v at lr/4 and B at lr/2 (added after CoLA's seeds 43 and "
                           "44 collapsed at 4e-3): the default",
     "id-bias1-u8-down2": "as `id-bias1-down2` (v at lr/2, B at lr), but the outer factor u at lr/8 (added after "
-                         "`benchmarks/collapse_probe.py`; applied from the benchmark, not a library knob)",
+                         "`benchmarks/collapse_probe.py`; `adakron train --outer-lr-ratio 0.125`)",
 }
 # Runs the GLUE grid already holds for the same settings, under its own method keys (the winner is the library's
 # default recipe, whose grid rows adopt the study's runs in turn: glue.TWINS).

@@ -10,26 +10,59 @@ def _adapter(rank=16, kron_factor=4, width=24, init="reference"):
     torch.manual_seed(0)
     adapter = KronAdapter(width, AdaKronConfig(rank=rank, kron_factor=kron_factor, init=init), initializer_range=0.5)
     with torch.no_grad():  # non-zero biases so that they are checked too
-        adapter.adakron_down.bias.normal_()
-        adapter.adakron_up.bias.normal_()
+        for linear in adapter.modules():
+            if isinstance(linear, torch.nn.Linear):
+                linear.bias.normal_()
     return adapter
 
 
-def test_down_projections_run_as_one_matmul_of_width_f_plus_r_over_f():
+def test_u_and_v_are_projections_of_their_own_of_widths_f_and_r_over_f():
     adapter = _adapter(rank=16, kron_factor=4, width=24)
-    assert adapter.adakron_down.weight.shape == (4 + 4, 24)
+    assert adapter.adakron_down_outer.weight.shape == (4, 24)
+    assert adapter.adakron_down_inner.weight.shape == (4, 24)
     assert adapter.adakron_up.weight.shape == (24, 16)
-    assert _adapter(rank=48, kron_factor=4).adakron_down.weight.shape == (4 + 12, 24)
+    assert _adapter(rank=48, kron_factor=4).adakron_down_inner.weight.shape == (12, 24)
+
+
+def test_u_and_v_run_as_one_matmul(monkeypatch):
+    adapter, h = _adapter(rank=48, kron_factor=4), torch.randn(2, 5, 24)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or linear(x, w, b))
+    adapter(h)
+    assert calls == [(4 + 12, 24), (24, 48)]  # down (u and v together), then up
+
+
+def test_a_state_dict_holds_u_and_v_as_one_matrix_outer_rows_first_the_checkpoint_layout():
+    adapter = _adapter(rank=16, kron_factor=4)
+    state = adapter.state_dict()
+    assert sorted(state) == ["adakron_down.bias", "adakron_down.weight", "adakron_up.bias", "adakron_up.weight"]
+    assert torch.equal(state["adakron_down.weight"][:4], adapter.adakron_down_outer.weight)
+    assert torch.equal(state["adakron_down.bias"][4:], adapter.adakron_down_inner.bias)
+    fresh = _adapter(rank=16, kron_factor=4, init="identity")
+    fresh.load_state_dict(state)
+    h = torch.randn(3, 24)
+    torch.testing.assert_close(fresh(h), adapter(h), atol=0, rtol=0)
+
+
+def test_a_seed_draws_the_same_weights_as_when_u_and_v_were_one_module():
+    torch.manual_seed(0)
+    fused = torch.nn.Linear(24, 4 + 4)
+    torch.nn.Linear(16, 24)  # the up-projection's module is built before any weight is drawn
+    expected = torch.empty(8, 24).normal_(0.0, 0.5)
+    torch.manual_seed(0)
+    adapter = KronAdapter(24, AdaKronConfig(rank=16, kron_factor=4, init="reference"), initializer_range=0.5)
+    del fused
+    torch.testing.assert_close(adapter.merged_down()[0], expected, atol=0, rtol=0)
 
 
 def test_kronecker_step_matches_torch_kron_per_token_with_outer_factor_first():
     adapter = _adapter(rank=48, kron_factor=4)
     h = torch.randn(2, 5, 24)
-    down = adapter.adakron_down(h)
-    u, v = down[..., :4], down[..., 4:]  # the kron_factor-wide factor is the outer index
+    u, v = adapter.adakron_down_outer(h), adapter.adakron_down_inner(h)  # the kron_factor-wide u is the outer index
     expected_k = torch.stack([torch.kron(u[b, t], v[b, t]) for b in range(2) for t in range(5)]).view(2, 5, 48)
     expected = F.linear(F.gelu(expected_k), adapter.adakron_up.weight, adapter.adakron_up.bias)
-    torch.testing.assert_close(adapter(h), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(adapter(h), expected, atol=1e-6, rtol=1e-5)  # u, v apart: other rounding
 
 
 def test_layer_output_is_h_plus_adapter_update():
@@ -41,8 +74,8 @@ def test_layer_output_is_h_plus_adapter_update():
     x = torch.randn(3, 10)
     h = base(x)
     a = layer.adakron_adapters["a"]
-    k = torch.stack([torch.kron(F.linear(h[i], a.adakron_down.weight[:4], a.adakron_down.bias[:4]),
-                                F.linear(h[i], a.adakron_down.weight[4:], a.adakron_down.bias[4:])) for i in range(3)])
+    u, v = a.adakron_down_outer, a.adakron_down_inner
+    k = torch.stack([torch.kron(F.linear(h[i], u.weight, u.bias), F.linear(h[i], v.weight, v.bias)) for i in range(3)])
     expected = h + F.linear(F.gelu(k), a.adakron_up.weight) + a.adakron_up.bias
     torch.testing.assert_close(layer(x), expected)
 
@@ -58,7 +91,7 @@ def test_plain_adapter_is_the_one_factor_case():
 def test_reference_init_is_normal_weights_and_zero_biases():
     torch.manual_seed(0)
     adapter = KronAdapter(384, AdaKronConfig(rank=16, init="reference", outer_bias=0.0), initializer_range=0.02)
-    for linear in (adapter.adakron_down, adapter.adakron_up):
+    for linear in (adapter.adakron_down_outer, adapter.adakron_down_inner, adapter.adakron_up):
         assert torch.count_nonzero(linear.bias) == 0
         assert abs(linear.weight.std().item() - 0.02) < 0.002
     assert adapter.adakron_up.weight.abs().sum() > 0  # not the identity at step 0, as the reference

@@ -109,9 +109,7 @@ def _resolved(task, method):
 
     args = glue.train_args(task, method, 42, 2e-3, SimpleNamespace(data_dir="d", quick=False, max_train_samples=None,
                                                                    max_eval_samples=None), Path("out"))
-    # outer_lr_ratio is applied by the benchmark, not a TrainArgs field: a twin must have the same.
-    return {**{k: v for k, v in asdict(with_recipe(args, RECIPES[task])).items() if k != "recipe"},
-            "outer_lr_ratio": method.outer_lr_ratio}
+    return {k: v for k, v in asdict(with_recipe(args, RECIPES[task])).items() if k != "recipe"}
 
 
 def _study_method(folder, key):

@@ -199,7 +199,7 @@ def test_overwrite_with_bad_settings_keeps_the_old_run(tiny_model_dir, csv_data,
     _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--epochs", "0"),
            "--epochs must be a finite positive number, got 0")
     # Infinite numbers pass a `> 0` check and train to NaN weights, or fail only once the optimizer is built.
-    for flag in ("--lr", "--up-lr-ratio", "--down-lr-ratio"):
+    for flag in ("--lr", "--up-lr-ratio", "--down-lr-ratio", "--outer-lr-ratio"):
         _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", flag, "inf"),
                f"{flag} must be a finite positive number, got inf")
     _fails(capsys, train_args(tiny_model_dir, *csv_data, out, "--overwrite", "--weight-decay", "nan"),

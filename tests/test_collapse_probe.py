@@ -23,38 +23,7 @@ def adapter(seed: int = 0) -> KronAdapter:
     return KronAdapter(12, AdaKronConfig(rank=8, kron_factor=4, init="reference"))
 
 
-def test_outer_lr_ratio_is_u_trained_at_that_multiple_of_the_lr_step_after_step_under_a_schedule():
-    """The reference holds u and v apart, in two AdamW groups: u at ratio x lr, v at lr, same gradients, weight
-    decay and lr schedule."""
-    module = adapter()
-    f, ratio, lr = module.outer, 0.25, 1e-2
-    weight, bias = module.adakron_down.weight, module.adakron_down.bias
-    u = [torch.nn.Parameter(weight[:f].detach().clone()), torch.nn.Parameter(bias[:f].detach().clone())]
-    v = [torch.nn.Parameter(weight[f:].detach().clone()), torch.nn.Parameter(bias[f:].detach().clone())]
-    reference = torch.optim.AdamW([{"params": u, "lr": ratio * lr}, {"params": v, "lr": lr}], weight_decay=0.1)
-    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.1)
-    remedies.scale_outer_steps(optimizer, module, ratio)
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)) for o in (reference, optimizer)]
-    torch.manual_seed(1)
-    for _ in range(5):
-        h, target = torch.randn(5, 12), torch.randn(5, weight.shape[0])
-        for opt in (reference, optimizer):
-            opt.zero_grad()
-        torch.nn.functional.linear(h, weight, bias).sub(target).pow(2).sum().backward()
-        torch.nn.functional.linear(h, torch.cat([u[0], v[0]]), torch.cat([u[1], v[1]])).sub(target).pow(2).sum() \
-            .backward()
-        for opt, schedule in zip((reference, optimizer), schedules):
-            opt.step()
-            schedule.step()
-    assert torch.allclose(weight[:f], u[0], atol=1e-6) and torch.allclose(bias[:f], u[1], atol=1e-6)
-    assert torch.allclose(weight[f:], v[0], atol=1e-6) and torch.allclose(bias[f:], v[1], atol=1e-6)
-    assert not torch.allclose(weight[:f], adapter().adakron_down.weight[:f], atol=1e-4)  # it did train
-
-
 def test_a_remedy_that_would_do_nothing_is_refused_not_run_under_its_name():
-    plain = KronAdapter(12, AdaKronConfig(rank=8, kron_factor=1))
-    with pytest.raises(ValueError, match="fused down-projection"):
-        remedies.scale_outer_steps(torch.optim.AdamW(plain.parameters()), plain, 0.5)
     with pytest.raises(ValueError, match="needs adapters"):
         remedies.cap_updates(torch.nn.Linear(3, 3), 1.0)
 
@@ -92,28 +61,19 @@ def test_bad_remedy_values_are_refused_in_one_line(capsys):
     assert "must be a finite number above 0" in capsys.readouterr().err
 
 
-def test_outer_lr_ratio_is_a_multiple_of_the_lr_applied_relative_to_the_down_projections_own_rate():
-    assert remedies.outer_step_ratio(glue.METHODS["adakron16-down2"], 0.125) == 0.25  # v at lr/2: u's step x 1/4
-    assert remedies.outer_step_ratio(glue.METHODS["adakron16"], 0.125) == 0.125  # the authors' one lr
-    assert remedies.outer_step_ratio(glue.METHODS["adakron16-down2"], None) is None
-
-
-def test_a_grid_run_of_a_method_with_an_outer_rate_trains_with_the_remedy_and_records_it(tmp_path, monkeypatch):
-    import adakron.training.trainer as trainer
+def test_a_grid_run_of_a_method_with_an_outer_rate_gives_u_that_rate_through_the_library():
     from types import SimpleNamespace
 
-    seen = []
-    monkeypatch.setattr(trainer, "fit", lambda args, callbacks=None: seen.append(callbacks) or {"epochs": []})
-    monkeypatch.setattr(glue, "require_same_library", lambda args: None)
-    args = SimpleNamespace(data_dir=tmp_path, quick=True, max_train_samples=None, max_eval_samples=None,
-                           library_digest="x")
     import recipe
+    from adakron.training.recipes import RECIPES, with_recipe
 
-    result = glue._train("cola", recipe.CANDIDATES["id-bias1-u8-down2"], 42, 4e-3, args, tmp_path / "run.json")
-    assert result["outer_lr_ratio"] == 0.125
-    assert [type(c).__name__ for c in seen[0]] == ["Remedies"]
-    glue._train("cola", glue.METHODS["adakron16-down2"], 42, 4e-3, args, tmp_path / "plain.json")
-    assert seen[1] == [] and "outer_lr_ratio" not in json.loads((tmp_path / "plain.json").read_text())
+    args = SimpleNamespace(data_dir="d", quick=False, max_train_samples=None, max_eval_samples=None)
+    candidate = glue.train_args("cola", recipe.CANDIDATES["id-bias1-u8-down2"], 42, 4e-3, args, Path("o"))
+    resolved = with_recipe(candidate, RECIPES["cola"])
+    assert (resolved.outer_lr_ratio, resolved.down_lr_ratio, resolved.up_lr_ratio) == (0.125, 0.5, 1.0)
+    plain = with_recipe(glue.train_args("cola", glue.METHODS["adakron16-down2"], 42, 4e-3, args, Path("o")),
+                        RECIPES["cola"])
+    assert plain.outer_lr_ratio == plain.down_lr_ratio == 0.5  # u at v's rate
 
 
 def test_the_probe_table_names_each_remedy_its_rates_and_steps_and_shows_the_dev_metric(tmp_path, monkeypatch):

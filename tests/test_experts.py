@@ -88,7 +88,8 @@ def test_the_merged_adapter_is_the_average_expert(experts):
     adapter.merge_experts()
     assert sorted(adapter.state_dict()) == ["adakron_down.bias", "adakron_down.weight", "adakron_up.bias",
                                             "adakron_up.weight"]
-    assert adapter.adakron_down.weight.shape == (4 + 4, 24)
+    assert adapter.merged_down()[0].shape == (4 + 4, 24)
+    assert adapter.adakron_down_outer.weight.shape == (4, 24)  # u a plain projection again, as AdaKron's
     torch.testing.assert_close(adapter(h), by_hand)
     torch.testing.assert_close(unmerged, by_hand)
 

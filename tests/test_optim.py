@@ -29,7 +29,8 @@ def test_groups_give_each_factor_its_multiple_of_the_head_lr():
     assert {name: g["lr"] for name, g in groups.items()} == {
         "adakron_down": 0.25e-3, "adakron_down/no_decay": 0.25e-3, "adakron_up": 2e-3, "adakron_up/no_decay": 2e-3,
         "head": 1e-3, "head/no_decay": 1e-3}
-    assert all(n.endswith("adakron_down.weight") for n in _names(model, groups["adakron_down"]))
+    assert all(n.endswith(("adakron_down_outer.weight", "adakron_down_inner.weight"))
+               for n in _names(model, groups["adakron_down"]))
     assert all(n.endswith("adakron_up.bias") for n in _names(model, groups["adakron_up/no_decay"]))
     assert _names(model, groups["head"]) == ["bert.pooler.heads.default.dense.weight",
                                              "classifier.heads.default.weight"]
@@ -55,21 +56,63 @@ def test_groups_work_with_adamw_and_a_step_moves_each_factor_by_its_own_rate():
     optimizer = torch.optim.AdamW(parameter_groups(model, lr=1e-2, down_lr_ratio=0.1, up_lr_ratio=0.5))
     layer = next(m for m in model.modules() if isinstance(m, adakron.adapters.layer.AdaKronLayer))
     adapter = layer.adakron_adapters["default"]
-    before = adapter.adakron_down.weight.detach().clone(), adapter.adakron_up.weight.detach().clone()
+    before = adapter.adakron_down_inner.weight.detach().clone(), adapter.adakron_up.weight.detach().clone()
     out = model(input_ids=torch.randint(3, 99, (2, 5))).logits
     torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
     optimizer.step()
     # Adam's first step moves every parameter with a non-zero gradient by about its lr.
-    down_step = (adapter.adakron_down.weight - before[0]).abs().max().item()
+    down_step = (adapter.adakron_down_inner.weight - before[0]).abs().max().item()
     up_step = (adapter.adakron_up.weight - before[1]).abs().max().item()
     assert down_step == pytest.approx(1e-3, rel=0.05)
     assert up_step == pytest.approx(5e-3, rel=0.05)
+
+
+def test_u_gets_a_group_of_its_own_at_its_own_rate_and_v_keeps_the_down_projections_rate():
+    model = _model()
+    groups = {g["name"]: g for g in parameter_groups(model, lr=1e-3, down_lr_ratio=0.5, up_lr_ratio=1.0,
+                                                      outer_lr_ratio=0.125)}
+    assert groups["adakron_down_outer"]["lr"] == groups["adakron_down_outer/no_decay"]["lr"] == 0.125e-3
+    assert groups["adakron_down"]["lr"] == 0.5e-3
+    assert all(n.endswith("adakron_down_outer.weight") for n in _names(model, groups["adakron_down_outer"]))
+    assert all(n.endswith("adakron_down_outer.bias") for n in _names(model, groups["adakron_down_outer/no_decay"]))
+    assert all(n.endswith("adakron_down_inner.weight") for n in _names(model, groups["adakron_down"]))
+
+
+def test_u_at_vs_rate_shares_the_down_projections_group():
+    names = [g["name"] for g in parameter_groups(_model(), lr=1e-3, down_lr_ratio=0.5, outer_lr_ratio=0.5)]
+    assert "adakron_down_outer" not in names and "adakron_down" in names
+
+
+def test_an_adamw_step_moves_u_by_its_own_rate_and_v_by_the_down_rate():
+    model = _model()
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr=1e-2, down_lr_ratio=0.5, outer_lr_ratio=0.05))
+    adapter = next(m for m in model.modules() if isinstance(m, adakron.adapters.layer.AdaKronLayer)) \
+        .adakron_adapters["default"]
+    with torch.no_grad():  # B = 0 (the default init) would give u and v no gradient on the first step
+        adapter.adakron_up.weight.normal_()
+    u, v = adapter.adakron_down_outer.weight, adapter.adakron_down_inner.weight
+    before = u.detach().clone(), v.detach().clone()
+    out = model(input_ids=torch.randint(3, 99, (2, 5))).logits
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    optimizer.step()
+    assert (u - before[0]).abs().max().item() == pytest.approx(5e-4, rel=0.05)
+    assert (v - before[1]).abs().max().item() == pytest.approx(5e-3, rel=0.05)
+
+
+def test_madakrons_outer_experts_are_u_and_get_us_rate():
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=8, num_experts=3))
+    groups = {g["name"]: g for g in parameter_groups(model, lr=1e-3, down_lr_ratio=0.5, outer_lr_ratio=0.125)}
+    assert groups["adakron_down_outer"]["lr"] == 0.125e-3
+    assert all(".adakron_down_outer.weights." in n for n in _names(model, groups["adakron_down_outer"]))
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "1", True])
 def test_a_ratio_that_is_not_a_positive_number_is_refused(bad):
     with pytest.raises(ValueError, match="lr ratio"):
         parameter_groups(_model(), lr=1e-3, down_lr_ratio=bad)
+    with pytest.raises(ValueError, match="outer-projection lr ratio"):
+        parameter_groups(_model(), lr=1e-3, outer_lr_ratio=bad)
 
 
 def test_a_model_without_trainable_parameters_is_refused_with_what_to_do():

@@ -29,11 +29,12 @@ def test_the_default_recipe_starts_from_the_base_model_with_an_open_outer_path_a
     adapter = next(m for m in model.modules() if isinstance(m, KronAdapter))
     f = adapter.outer
     assert torch.count_nonzero(adapter.adakron_up.weight) == 0 and torch.count_nonzero(adapter.adakron_up.bias) == 0
-    assert torch.equal(adapter.adakron_down.bias[:f], torch.ones(f))
-    assert torch.count_nonzero(adapter.adakron_down.bias[f:]) == 0
+    assert torch.equal(adapter.adakron_down_outer.bias, torch.ones(f))
+    assert torch.count_nonzero(adapter.adakron_down_inner.bias) == 0
     rates = {id(p): g["lr"] for g in parameter_groups(model, 2e-3, 0.1, args.down_lr_ratio, args.up_lr_ratio)
              for p in g["params"]}
-    assert rates[id(adapter.adakron_down.weight)] == rates[id(adapter.adakron_down.bias)] == 2e-3 / 4
+    u, v = adapter.adakron_down_outer, adapter.adakron_down_inner
+    assert rates[id(u.weight)] == rates[id(u.bias)] == rates[id(v.weight)] == rates[id(v.bias)] == 2e-3 / 4
     assert rates[id(adapter.adakron_up.weight)] == 2e-3 / 2
     head = dict(model.named_parameters())["classifier.heads.default.weight"]
     assert rates[id(head)] == 2e-3
@@ -54,7 +55,7 @@ def test_a_knob_given_on_its_own_overrides_the_recipe():
 def test_paper_init_gives_normal_weights_zero_biases_and_a_non_zero_up_projection():
     torch.manual_seed(0)
     adapter = KronAdapter(384, adakron_config(with_recipe(TrainArgs(recipe="paper"), OWN_DATA_RECIPE)), 0.02)
-    for linear in (adapter.adakron_down, adapter.adakron_up):
+    for linear in (adapter.adakron_down_outer, adapter.adakron_down_inner, adapter.adakron_up):
         assert torch.count_nonzero(linear.bias) == 0
         assert abs(linear.weight.std().item() - 0.02) < 0.002
     assert torch.count_nonzero(adapter.adakron_up.weight) == adapter.adakron_up.weight.numel()
@@ -62,7 +63,7 @@ def test_paper_init_gives_normal_weights_zero_biases_and_a_non_zero_up_projectio
 
 def test_outer_bias_sets_only_the_outer_factors_bias():
     adapter = KronAdapter(24, AdaKronConfig(rank=16, kron_factor=4, outer_bias=1.0))
-    assert adapter.adakron_down.bias.tolist() == [1.0] * 4 + [0.0] * 4
+    assert adapter.merged_down()[1].tolist() == [1.0] * 4 + [0.0] * 4
     plain = KronAdapter(24, AdaKronConfig(rank=16, kron_factor=1, outer_bias=1.0))
     assert torch.count_nonzero(plain.adakron_down.bias) == 0  # no outer factor in the one-factor case
 
@@ -101,9 +102,59 @@ def test_train_flags_reach_the_adapter_and_the_optimizer(monkeypatch):
     from adakron.cli import build_parser, train_args
 
     ns = build_parser().parse_args(["train", "--task", "rte", "--recipe", "paper", "--outer-bias", "1",
-                                    "--down-lr-ratio", "0.125", "--up-lr-ratio", "2"])
+                                    "--down-lr-ratio", "0.125", "--up-lr-ratio", "2", "--outer-lr-ratio", "0.0625"])
     args = with_recipe(train_args(ns), OWN_DATA_RECIPE)
-    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio) == ("reference", 1.0, 0.125, 2.0)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio, args.outer_lr_ratio) == \
+        ("reference", 1.0, 0.125, 2.0, 0.0625)
+
+
+@pytest.mark.parametrize("recipe", ["default", "paper"])
+def test_u_trains_at_vs_rate_unless_the_recipe_or_a_flag_gives_it_its_own(recipe):
+    from adakron.training.recipes import ADAPTER_RECIPES
+
+    own = ADAPTER_RECIPES[recipe].outer_lr_ratio
+    args = with_recipe(TrainArgs(recipe=recipe, down_lr_ratio=0.125), OWN_DATA_RECIPE)
+    assert args.outer_lr_ratio == (0.125 if own is None else own)
+    assert with_recipe(TrainArgs(recipe=recipe, outer_lr_ratio=0.03), OWN_DATA_RECIPE).outer_lr_ratio == 0.03
+
+
+def test_a_run_checkpointed_before_u_had_a_rate_of_its_own_resumes_when_u_still_trains_at_vs():
+    from adakron.training.rundir import _same_setting
+
+    before = {"down_lr_ratio": 0.25}
+    assert _same_setting("outer_lr_ratio", before, 0.25)
+    assert not _same_setting("outer_lr_ratio", before, 0.125)
+    assert _same_setting("outer_lr_ratio", {}, 1.0)  # adakron 0.1.0: one lr for everything
+
+
+def test_a_checkpoint_holds_u_and_v_as_the_one_down_matrix_every_checkpoint_before_had(tmp_path):
+    """Saved files keep the layout of adakron 0.1.0 (u's rows first in `adakron_down.weight`), so a file written
+    before u and v were held apart loads into them: here its down matrices are overwritten with new numbers."""
+    from conftest import tiny_batch
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("bert")
+    adakron.add_adapter(model, AdaKronConfig(rank=8, init="reference", initializer_range=0.3), name="old")
+    adakron.save_adapter(model, tmp_path / "old", name="old")
+    path = tmp_path / "old" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    fused = sorted(k for k in tensors if k.endswith("adakron_down.weight"))
+    assert fused and not any("adakron_down_outer" in k or "adakron_down_inner" in k for k in tensors)
+    generator = torch.Generator().manual_seed(7)
+    for key in fused:
+        tensors[key] = torch.randn(tensors[key].shape, generator=generator)
+    save_file(tensors, path, metadata={"format": "pt", "adakron_format_version": "1"})
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    config.pop("weights_sha256", None)  # edited by hand, as an older file would have no hash of these bytes
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+    fresh = tiny_model("bert")
+    adakron.load_adapter(fresh, tmp_path / "old")
+    adapters = [m for m in fresh.modules() if isinstance(m, KronAdapter)]
+    for key, adapter in zip(fused, adapters):
+        f = adapter.outer
+        assert torch.equal(adapter.adakron_down_outer.weight, tensors[key][:f])
+        assert torch.equal(adapter.adakron_down_inner.weight, tensors[key][f:])
+    fresh.eval()(**tiny_batch())  # and it runs
 
 
 def test_an_adapter_saved_before_the_recipe_knobs_and_experts_existed_loads_unchanged(tmp_path):
@@ -172,7 +223,7 @@ def test_above_rank_32_the_default_recipe_scales_the_factor_rates_by_32_over_r(r
     for groups in (parameter_groups(model, 4e-3, 0.1, args.down_lr_ratio, args.up_lr_ratio),
                    parameter_groups(model, 4e-3, 0.1)):
         rates = {id(p): g["lr"] for g in groups for p in g["params"]}
-        assert rates[id(adapter.adakron_down.weight)] == pytest.approx(4e-3 * down, rel=1e-12)
+        assert rates[id(adapter.adakron_down_inner.weight)] == pytest.approx(4e-3 * down, rel=1e-12)
         assert rates[id(adapter.adakron_up.weight)] == pytest.approx(4e-3 * up, rel=1e-12)
         assert rates[id(dict(model.named_parameters())["classifier.heads.default.weight"])] == 4e-3
 

@@ -64,7 +64,13 @@ def test_an_adapter_on_every_down_proj_trains_a_step_and_generates(smollm2):
         optimizer.step()
         model.eval()
         assert torch.isfinite(loss) and 0 < loss.item() < 20
-        assert all(not torch.equal(p, b) for p, b in zip(trainable, before))
+        # Every tensor with a gradient moves (B = 0 at the start leaves v's zero bias without one, and AdamW's
+        # decay cannot move a zero), and so do all 30 up-projections.
+        assert all(not torch.equal(p, b) for p, b in zip(trainable, before) if p.grad is not None and p.grad.any())
+        ups = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("adakron_up.weight")]
+        moved = {n for (n, p), b in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), before)
+                 if not torch.equal(p, b)}
+        assert len(ups) == 30 and set(ups) <= moved
         assert torch.equal(model.model.layers[0].mlp.down_proj.base_layer.weight, frozen)
         prompts = ["Say hello in French.", "What is 2 + 2?"]
         replies = generate(model, tokenizer, prompts, ["default", None], max_new_tokens=6)

@@ -23,7 +23,8 @@ SAMPLING_DEFAULTS = {f.name: f.default for f in fields(Sampling)}
 ADAPTERS = ("adakron", "adapter")
 # `adakron train`'s flags that only some methods read (the others train as if the flag were not there).
 METHOD_FLAGS = {"rank": ADAPTERS, "kron_factor": ("adakron",), "recipe": ADAPTERS, "init": ADAPTERS,
-                "outer_bias": ADAPTERS, "down_lr_ratio": ADAPTERS, "up_lr_ratio": ADAPTERS, "placement": ADAPTERS,
+                "outer_bias": ADAPTERS, "down_lr_ratio": ADAPTERS, "up_lr_ratio": ADAPTERS,
+                "outer_lr_ratio": ("adakron",), "placement": ADAPTERS,
                 "num_experts": ADAPTERS, "experts": ADAPTERS, "consistency_weight": ADAPTERS,
                 "lora_r": ("lora",), "lora_alpha": ("lora",)}
 
@@ -62,7 +63,7 @@ def build_parser() -> Parser:
                         help=f"outer factor width f (adakron; default: {DEFAULTS['kron_factor']})")
     method.add_argument("--recipe", choices=list(ADAPTER_RECIPES),
                         help="adakron/adapter recipe: 'default' (this library's, see README) or 'paper' (the "
-                             "authors' code: their init, one lr for everything); the four flags below override it")
+                             "authors' code: their init, one lr for everything); the five flags below override it")
     ours, paper = ADAPTER_RECIPES["default"], ADAPTER_RECIPES["paper"]
     method.add_argument("--init", choices=list(INITS), help="'identity': up-projection zeroed, so training starts "
                         "from the base model; 'reference': every adapter weight N(0, 0.02) "
@@ -72,6 +73,10 @@ def build_parser() -> Parser:
     method.add_argument("--down-lr-ratio", type=float, help="the down-projections (u, v) train at --lr times this "
                         f"(adakron default: {ours.down_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper and --method adapter: {paper.down_lr_ratio:g})")
+    method.add_argument("--outer-lr-ratio", type=float, help="the outer factor u alone trains at --lr times this "
+                        "(adakron default: " + (f"{ours.outer_lr_ratio:g} up to --rank {REFERENCE_RANK}, times "
+                        f"{REFERENCE_RANK}/rank above" if ours.outer_lr_ratio is not None else
+                        "--down-lr-ratio's") + "; paper: --down-lr-ratio's)")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
                         f"(default: {ours.up_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper: {paper.up_lr_ratio:g})")

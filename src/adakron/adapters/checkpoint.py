@@ -36,17 +36,27 @@ def adapter_state_dict(model: nn.Module, name: str, merged: bool = False) -> dic
     """Adapter ``name``'s weights and its head's, keyed by module path without the adapter name; ``merged``:
     as the adapter would be after merge_experts (MAdaKron), without changing it."""
     tensors = {}
-    for path, module in model.named_modules():
-        if isinstance(module, AdaKronLayer) and name in module.adakron_adapters:
-            owned = module.adakron_adapters[name]
-            state = owned.merged_state_dict() if merged else owned.state_dict()
-        elif isinstance(module, TaskHeads) and name in module.heads:
-            state = module.heads[name].state_dict()
-        else:
-            continue
+    for path, owned in _owned_modules(model, name):
+        state = owned.merged_state_dict() if merged and isinstance(owned, KronAdapter) else owned.state_dict()
         for key, tensor in state.items():
             tensors[f"{path}.{key}"] = tensor
     return tensors
+
+
+def _owned_modules(model: nn.Module, name: str):
+    """(module path, module) of adapter ``name``'s adapters and head, the modules its checkpoint holds."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdaKronLayer) and name in module.adakron_adapters:
+            yield path, module.adakron_adapters[name]
+        elif isinstance(module, TaskHeads) and name in module.heads:
+            yield path, module.heads[name]
+
+
+def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies checked tensors into adapter ``name`` through each module's load_state_dict: a state dict may hold
+    copies (AdaKron's u and v are saved as one matrix), so writing into its tensors would change nothing."""
+    for path, owned in _owned_modules(model, name):
+        owned.load_state_dict({key: tensors[f"{path}.{key}"] for key in owned.state_dict()})
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
@@ -171,9 +181,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         _rollback(model, name, had_adapters, previous)
         _restore_requires_grad(model, requires_grad)
         raise AdapterLoadError(f"{directory} does not fit this model (different width, depth or type?): {problem}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key])
+    _load_tensors(model, name, tensors)
     if merge_experts:
         merge(model, name)
     if not is_trainable:

@@ -32,20 +32,26 @@ UP_LR_RATIO = 0.5
 # majority class). Ranks 16 and 48 are the ones measured: every other rank up to 32 gets rank 16's ratios
 # untested, and below 32 the ratios are never raised.
 REFERENCE_RANK = 32
+# The outer factor u's rate, where it differs from v's (None: as v's, the down-projections' rate).
+OUTER_LR_RATIO = None
 
-DOWN, UP, HEAD = "adakron_down", "adakron_up", "head"
+DOWN, OUTER, UP, HEAD = "adakron_down", "adakron_down_outer", "adakron_up", "head"
 
 
 @dataclass(frozen=True)
 class FactorRates:
-    """Learning rates of the two adapter factors, as multiples of the task head's ``lr``."""
+    """Learning rates of the adapter factors, as multiples of the task head's ``lr``: the down-projections (u and
+    v), the up-projection (B), and u where it differs from v (``outer``; None: as ``down``)."""
 
     down: float = DOWN_LR_RATIO
     up: float = UP_LR_RATIO
+    outer: float | None = OUTER_LR_RATIO
 
     def __post_init__(self) -> None:
-        for name in ("down", "up"):
+        for name in ("down", "up", "outer"):
             value = getattr(self, name)
+            if name == "outer" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                     or value == float("inf"):
                 raise ValueError(f"the {name}-projection lr ratio ({value!r}) must be a positive number, e.g. 1.0")
@@ -54,13 +60,15 @@ class FactorRates:
 def default_rates(rank: int) -> FactorRates:
     """The default recipe's factor rates for an adapter of size ``rank``: times min(1, 32 / rank)."""
     scale = min(1.0, REFERENCE_RANK / rank)
-    return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale)
+    return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale,
+                       None if OUTER_LR_RATIO is None else OUTER_LR_RATIO * scale)
 
 
 def _adapter_parameters(model: nn.Module) -> dict[int, tuple[str, int]]:
     """id of each adapter parameter -> (its factor, the size r of its adapter). Classified by the name inside the
-    adapter module (adakron_down, MAdaKron's adakron_down_outer / _inner experts, adakron_up), so that an adapter
-    or module named like a factor cannot steer the parameters around it into a factor's group."""
+    adapter module (adakron_down, adakron_down_outer / _inner, plain or MAdaKron's experts, adakron_up), so that an
+    adapter or module named like a factor cannot steer the parameters around it into a factor's group. u
+    (``adakron_down_outer``) is a factor of its own; v (``adakron_down_inner``) is one of the down-projections."""
     found = {}
     for module in model.modules():
         if not isinstance(module, KronAdapter):
@@ -68,7 +76,8 @@ def _adapter_parameters(model: nn.Module) -> dict[int, tuple[str, int]]:
         up = module.adakron_up
         for name, param in module.named_parameters():
             first = name.split(".")[0]
-            kind = UP if first == UP else DOWN if first == DOWN or first.startswith(DOWN + "_") else HEAD
+            kind = UP if first == UP else OUTER if first == OUTER else \
+                DOWN if first == DOWN or first.startswith(DOWN + "_") else HEAD
             found[id(param)] = (kind, up.in_features)
     return found
 
@@ -79,7 +88,8 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                     down_lr_ratio: float | None = None, up_lr_ratio: float | None = None) -> list[dict]:
+                     down_lr_ratio: float | None = None, up_lr_ratio: float | None = None,
+                     outer_lr_ratio: float | None = None) -> list[dict]:
     """The model's trainable parameters, grouped for ``torch.optim.AdamW`` (or any optimizer taking groups).
 
     Args:
@@ -90,13 +100,16 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             default recipe's for each adapter's rank (``default_rates``: 0.25 up to rank 32, 0.25 * 32 / r above).
         up_lr_ratio: the adapters' up-projections (B) train at ``lr * up_lr_ratio``; None: as above (0.5 up to
             rank 32, 0.5 * 32 / r above). A ratio given is used as it is, at every rank.
+        outer_lr_ratio: AdaKron's outer factor u (the ``kron_factor``-wide one) trains at ``lr * outer_lr_ratio``;
+            None: the default recipe's (``default_rates``), which is v's rate (``down_lr_ratio``) where the
+            recipe gives u none of its own.
 
-    Every group carries ``name`` ("adakron_down", "adakron_up" or "head", with "/no_decay" for the
-    parameters without weight decay, and "@r48" where adapters of several ranks get different rates),
-    ``lr`` and ``weight_decay``; empty groups are left out.
+    Every group carries ``name`` ("adakron_down", "adakron_down_outer" where u's rate differs from v's,
+    "adakron_up" or "head", with "/no_decay" for the parameters without weight decay, and "@r48" where adapters
+    of several ranks get different rates), ``lr`` and ``weight_decay``; empty groups are left out.
     """
     FactorRates(DOWN_LR_RATIO if down_lr_ratio is None else down_lr_ratio,
-                UP_LR_RATIO if up_lr_ratio is None else up_lr_ratio)  # checks what was given
+                UP_LR_RATIO if up_lr_ratio is None else up_lr_ratio, outer_lr_ratio)  # checks what was given
     if not lr > 0:
         raise ValueError(f"lr ({lr!r}) must be positive, e.g. 1e-3")
     adapter = _adapter_parameters(model)
@@ -104,9 +117,15 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     def ratio(kind: str, rank: int | None) -> float:
         if kind == HEAD:
             return 1.0
-        given = down_lr_ratio if kind == DOWN else up_lr_ratio
         rates = default_rates(rank)
-        return given if given is not None else (rates.down if kind == DOWN else rates.up)
+        down = rates.down if down_lr_ratio is None else down_lr_ratio
+        if kind == OUTER:
+            if outer_lr_ratio is not None:
+                return outer_lr_ratio
+            return down if rates.outer is None else rates.outer
+        if kind == DOWN:
+            return down
+        return rates.up if up_lr_ratio is None else up_lr_ratio
 
     groups: dict[tuple[str, bool, float], dict] = {}
     for name, param in model.named_parameters():
@@ -114,6 +133,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             continue
         (kind, rank), bare = adapter.get(id(param), (HEAD, None)), _no_decay(name, param)
         rate = lr * ratio(kind, rank)
+        if kind == OUTER and rate == lr * ratio(DOWN, rank):
+            kind = DOWN  # u at v's rate: one group for both down-projections
         group = groups.setdefault((kind, bare, rate), {
             "name": kind + ("/no_decay" if bare else ""), "params": [], "lr": rate,
             "weight_decay": 0.0 if bare else weight_decay, "rank": rank})
@@ -125,6 +146,6 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         same = [g for (k, b, _), g in groups.items() if (k, b) == (kind, bare)]
         for group in same if len(same) > 1 else ():
             group["name"] += f"@r{group['rank']}"
-    order = [DOWN, UP, HEAD]
+    order = [DOWN, OUTER, UP, HEAD]
     keys = sorted(groups, key=lambda k: (order.index(k[0]), k[1], -k[2]))
     return [{k: v for k, v in groups[key].items() if k != "rank"} for key in keys]

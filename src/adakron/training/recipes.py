@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..adapters.config import AdaKronConfig
-from ..adapters.optim import DOWN_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO, default_rates
+from ..adapters.optim import DOWN_LR_RATIO, OUTER_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO, default_rates
 from ..errors import UsageError
 
 # The shortest --max-length: [CLS] a [SEP] b [SEP] with a token of each text left, and some room.
@@ -66,13 +66,15 @@ class AdapterRecipe:
     outer_bias: float
     down_lr_ratio: float
     up_lr_ratio: float
+    outer_lr_ratio: float | None = None  # u's rate where it differs from v's; None: down_lr_ratio
 
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
 ADAPTER_RECIPES = {
     # The library's defaults, set from benchmarks/recipe.py and the GLUE grid: read from where they are defined. The
     # factor rates are those up to rank 32; adapter_recipe scales them for larger ranks (optim.default_rates).
-    "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO),
+    "default": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], DOWN_LR_RATIO, UP_LR_RATIO,
+                             OUTER_LR_RATIO),
     # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
     "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
 }
@@ -107,6 +109,7 @@ class TrainArgs:
     outer_bias: float | None = None
     down_lr_ratio: float | None = None
     up_lr_ratio: float | None = None
+    outer_lr_ratio: float | None = None  # AdaKron's outer factor u; the recipe's, else down_lr_ratio
     placement: str = _CONFIG_DEFAULTS["placement"]
     # MAdaKron: experts on the down-projection(s), merged for evaluation and for the saved adapter.
     num_experts: int = _CONFIG_DEFAULTS["num_experts"]
@@ -151,7 +154,8 @@ def adapter_recipe(name: str, causal_lm: bool = False, method: str = "adakron",
         return PLAIN_ADAPTER_RECIPE
     if name == "default":
         rates = default_rates(rank) if isinstance(rank, int) and rank > 0 else default_rates(REFERENCE_RANK)
-        return replace(ADAPTER_RECIPES[name], down_lr_ratio=rates.down, up_lr_ratio=rates.up)
+        return replace(ADAPTER_RECIPES[name], down_lr_ratio=rates.down, up_lr_ratio=rates.up,
+                       outer_lr_ratio=rates.outer)
     return ADAPTER_RECIPES[name]
 
 
@@ -167,6 +171,8 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
         max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
+    if chosen["outer_lr_ratio"] is None:  # neither the flag nor the recipe gives u a rate of its own: v's
+        chosen["outer_lr_ratio"] = chosen["down_lr_ratio"]
     numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "lora_alpha", "max_train_samples",
                                                 "max_eval_samples", "eval_steps", "max_steps")},
                **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}

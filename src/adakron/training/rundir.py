@@ -158,6 +158,8 @@ def comparable(args: TrainArgs) -> dict[str, Any]:
 
 
 def _same_setting(key: str, before: dict, value: Any) -> bool:
+    if key == "outer_lr_ratio" and key not in before:  # u trained at v's rate before it had a rate of its own
+        return value == before.get("down_lr_ratio", ADDED_SETTINGS["down_lr_ratio"][0])
     if key not in before:
         return key in ADDED_SETTINGS and value in ADDED_SETTINGS[key]
     old = before[key]

@@ -213,7 +213,7 @@ def _optimizer(model, args: TrainArgs):
     from ..adapters.optim import parameter_groups
 
     return torch.optim.AdamW(parameter_groups(model, args.lr, args.weight_decay, args.down_lr_ratio,
-                                              args.up_lr_ratio))
+                                              args.up_lr_ratio, args.outer_lr_ratio))
 
 
 def _build_model(args: TrainArgs, labels: LabelSpace):
