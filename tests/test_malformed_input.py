@@ -113,3 +113,13 @@ def test_a_library_error_is_reported_by_its_first_line_or_by_its_type_when_it_ha
     assert first_line(ValueError("  size mismatch for weight\n  copying a param of shape ...\n")) == \
         "size mismatch for weight"
     assert first_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("content", [b'"q\n",\n"', b'"q\n",label\nx\n'])
+def test_a_column_name_with_a_line_break_is_shown_escaped_so_the_message_stays_one_line(tmp_path, content):
+    """Found by test_fuzz_data: a quoted CSV header may hold a newline, which a message must not print raw."""
+    path = tmp_path / "dev.csv"
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as error:
+        read_file(path, ["text"], "label")
+    assert "\n" not in str(error.value) and "'q\\n'" in str(error.value)

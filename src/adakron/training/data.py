@@ -47,13 +47,19 @@ def read_file(path: str | Path, text_columns: list[str], label_column: str | Non
         missing = [c for c in wanted if c not in record]
         if missing:
             where = f"{path}:{line}" if kind == "jsonl" else str(path)
-            raise UsageError(f"{where}: no column {missing[0]!r}; columns present: {', '.join(record)}")
+            raise UsageError(f"{where}: no column {missing[0]!r}; columns present: {column_names(record)}")
         texts.append(tuple(_text(record[c], path, line, c) for c in text_columns))
         labels.append(_label(record[label_column], path, line, label_column) if label_column else None)
         kept.append(record)
     if not texts:
         raise UsageError(f"{path} holds no examples")
     return Examples(texts, labels, kept)
+
+
+def column_names(columns) -> str:
+    """Column names for a one-line message: a name with a line break or other control character (a quoted CSV
+    header may hold one) is shown as its repr."""
+    return ", ".join(repr(c) if not c.isprintable() else c for c in columns)
 
 
 def readable(rows, path: Path):
@@ -88,7 +94,7 @@ def _table_records(path: Path, kind: str):
             if not row:
                 continue
             if len(row) != len(header):
-                raise UsageError(f"{path}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)}), "
+                raise UsageError(f"{path}:{reader.line_num}: expected {len(header)} fields ({column_names(header)}), "
                                  f"found {len(row)}")
             yield reader.line_num, dict(zip(header, row))
 

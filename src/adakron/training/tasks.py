@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from .data import Examples, readable
+from .data import Examples, column_names, readable
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def read_split(task: GlueTask, path: Path) -> Examples:
 
 def _column(header: list[str], name: str, path: Path) -> int:
     if name not in header:
-        raise UsageError(f"{path}: no column {name!r}; columns present: {', '.join(header)}")
+        raise UsageError(f"{path}: no column {name!r}; columns present: {column_names(header)}")
     return header.index(name)
 
 
