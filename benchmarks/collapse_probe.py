@@ -10,11 +10,11 @@ past ||h|| and is the same for every token: after the residual and LayerNorm eve
     OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --seed 43 --lr 4e-3
     python benchmarks/collapse_probe.py --render           # its section of RESULTS.md (glue.py --render)
 
-Two remedies the library does not have can be tried here before anyone builds them (each changes the run's file
-name): ``--outer-lr-ratio X`` trains the outer factor u at X times ``--lr`` (its rows of the fused down-projection, by
-scaling their AdamW step, which is linear in the lr; v keeps the method's rate), and ``--update-cap C`` caps each token's
-update at C times ||h|| (the adapter's output rescaled, as a forward hook). ``--steps`` past one epoch also records the
-dev metric the run reached at each epoch.
+Each of these changes the run's file name: ``--outer-lr-ratio X`` trains the outer factor u at X times ``--lr`` (v
+keeps the method's rate; tried here first, the library's ``--outer-lr-ratio`` now; the runs before that scaled u's
+rows' AdamW step, the same thing), and ``--update-cap C``, a remedy the library does not have, caps each token's
+update at C times ||h|| (the adapter's output rescaled, as a forward hook). ``--steps`` past one epoch also records
+the dev metric the run reached at each epoch.
 
     OMP_NUM_THREADS=1 python benchmarks/collapse_probe.py --method adakron16-down2 --outer-lr-ratio 0.125 --steps 540
 
@@ -186,8 +186,9 @@ def section() -> list[str]:
            "then the spread of the last "
            "layer's [CLS] vectors (RMS distance to their mean over their RMS norm). The last column is the dev "
            "metric after each finished epoch (CoLA's epoch is 268 steps), in brackets where the probe stopped the run. Runs named `-outerX` train the outer "
-           "factor u at X times the lr (v keeps the method's rate), and `-capC` cap each token's update at C × "
-           "||h||: remedies tried here, not in the library; `u, v lr×`/`v lr×`/`B lr×` name factor rates "
+           "factor u at X times the lr (v keeps the method's rate; the library's `--outer-lr-ratio` since), "
+           "and `-capC` cap each token's update at C × ||h|| (not in the library); `u, v lr×`/`v lr×`/`B lr×` "
+           "name factor rates "
            "other than the method's. All the probes are in `benchmarks/results/collapse_probe/`.", "",
            "| run | " + " | ".join(f"step {100 * i}" for i in range(width)) + " | dev metric ×100 by epoch |",
            "|---" * (width + 2) + "|"]

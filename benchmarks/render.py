@@ -27,11 +27,13 @@ from glue import (
 HERE = Path(__file__).resolve().parent
 # The first pass (pooler frozen) ran each method's first three learning rates; later passes extended the grid.
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
-NAMES = {"adakron16-half": "AdaKron r=16 f=4", "adakron48-scaled": "AdaKron r=48 f=4",
-         "adakron16-down2": "AdaKron r=16 f=4, previous default (u, v at lr/2, B at lr)",
-         "adakron48-down2": "AdaKron r=48 f=4, previous default unscaled (u, v at lr/2, B at lr)",
-         "adakron16-down8": "AdaKron r=16 f=4, the default before that (u, v at lr/8)",
-         "adakron16-u8": "AdaKron r=16 f=4, candidate (u at lr/8, v at lr/2, B at lr)",
+NAMES = {"adakron16-u8": "AdaKron r=16 f=4 (default: u at lr/8, v at lr/2, B at lr)",
+         "adakron16-half": "AdaKron r=16 f=4, previous default (u, v at lr/4, B at lr/2)",
+         "adakron48-scaled": "AdaKron r=48 f=4, previous default (u, v at lr/6, B at lr/3)",
+         "adakron48-u8": "AdaKron r=48 f=4 (default: u at lr/12, v at lr/3, B at 2lr/3)",
+         "adakron16-down2": "AdaKron r=16 f=4, an earlier default (u, v at lr/2, B at lr)",
+         "adakron48-down2": "AdaKron r=48 f=4, an earlier default unscaled (u, v at lr/2, B at lr)",
+         "adakron16-down8": "AdaKron r=16 f=4, the first study default (u, v at lr/8)",
          "adakron16": "AdaKron r=16 f=4, authors' recipe", "adakron48": "AdaKron r=48 f=4, authors' recipe",
          "adapter": "Adapter r=16 (plain)",
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
@@ -284,8 +286,8 @@ def cola_section() -> list[str]:
     return lines + [
         "CoLA first ran 3 epochs; its runs take about a minute an epoch and every method was still climbing at "
         f"the end, so it now runs {EPOCHS['cola']}. A train loss near 0.61 is the entropy of CoLA's 70/30 label "
-        "split: the model predicts the prior. The authors' recipe and the previous default (u, v at lr/2, B at lr) "
-        "stay there at the lr they chose on MRPC (the previous default on two seeds of three), while in the "
+        "split: the model predicts the prior. The authors' recipe and an earlier default (u, v at lr/2, B at lr) "
+        "stay there at the lr they chose on MRPC (the earlier default on two seeds of three), while in the "
         "3-epoch run, whose lr decayed 2.7 times sooner, the authors' recipe at r=16 learned; the default recipe "
         "learns in every run (3 seeds at its lr, seed 42 at every lr of the grid). See \"Open problems\" in the "
         "README.", ""]
@@ -340,8 +342,9 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
               "(batch 32, length-grouped batches, 2-epoch linear schedule, each method at the lr chosen on MRPC). "
               "Training seconds leave out evaluation and checkpointing. Runs here had another 1-thread job on the "
               "machine's other core.",
-              "`adakron` is the library's default recipe, `adakron-paper` the authors' (what `adakron` ran before the "
-              "recipe study set the default), `adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/2 and "
+              "`adakron` is the library's default recipe (u at lr/8, v at lr/2, B at lr), `adakron-paper` the "
+              "authors' (what `adakron` ran before the recipe study set the default), `adakron-half`, "
+              "`adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/4 and B at lr/2; u, v at lr/2 and "
               "B at lr; u, v at lr/8). Compare rows of one sitting (the same date): the machine's load moves every "
               "timing.",
               "", "| method | lr | measured | target | eval every | threads | reached at step (epoch) | accuracy then | "

@@ -37,8 +37,11 @@ from transformers import TrainerCallback
 HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "time_to_accuracy"
 # Each method's row of the quality grid: it trains as that row does (method and recipe), at the lr the row chose
-# on MRPC. `adakron-down2` is the default before (u, v at lr/2, B at lr), `adakron-down8` the one before that.
-GRID_KEYS = {"adakron": "adakron16-half", "adakron-down2": "adakron16-down2", "adakron-paper": "adakron16",
+# on MRPC. `adakron` is the default recipe (u at lr/8, v at lr/2, B at lr), `adakron-half` the one before (u, v at
+# lr/4, B at lr/2; its run was stored as `adakron` when it was the default), `adakron-down2` an earlier one (u, v at
+# lr/2, B at lr), `adakron-down8` the first.
+GRID_KEYS = {"adakron": "adakron16-u8", "adakron-half": "adakron16-half", "adakron-down2": "adakron16-down2",
+             "adakron-paper": "adakron16",
              "adakron-down8": "adakron16-down8", "lora": "lora", "full": "full"}
 
 

@@ -39,7 +39,8 @@ def test_groups_give_each_factor_its_multiple_of_the_head_lr():
 def test_weight_decay_skips_biases_as_the_trainer_does():
     groups = {g["name"]: g for g in parameter_groups(_model(), lr=1e-3, weight_decay=0.1)}
     assert {name: g["weight_decay"] for name, g in groups.items()} == {
-        "adakron_down": 0.1, "adakron_down/no_decay": 0.0, "adakron_up": 0.1, "adakron_up/no_decay": 0.0,
+        "adakron_down": 0.1, "adakron_down/no_decay": 0.0, "adakron_down_outer": 0.1,
+        "adakron_down_outer/no_decay": 0.0, "adakron_up": 0.1, "adakron_up/no_decay": 0.0,
         "head": 0.1, "head/no_decay": 0.0}
 
 
@@ -129,8 +130,9 @@ def test_adapters_of_two_ranks_get_each_its_own_default_rates_in_groups_named_by
         if ".adakron_adapters." in n:
             p.requires_grad_(True)
     groups = {g["name"]: g["lr"] for g in parameter_groups(model, lr=1e-3)}
-    assert groups["adakron_down@r16"] == 0.25e-3 and groups["adakron_down@r64"] == 0.125e-3  # 64: times 32/64
-    assert groups["adakron_up/no_decay@r16"] == 0.5e-3 and groups["adakron_up/no_decay@r64"] == 0.25e-3
+    assert groups["adakron_down@r16"] == 0.5e-3 and groups["adakron_down@r64"] == 0.25e-3  # 64: times 32/64
+    assert groups["adakron_down_outer@r16"] == 0.125e-3 and groups["adakron_down_outer@r64"] == 0.0625e-3
+    assert groups["adakron_up/no_decay@r16"] == 1e-3 and groups["adakron_up/no_decay@r64"] == 0.5e-3
     assert groups["head"] == 1e-3
 
 

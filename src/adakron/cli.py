@@ -70,13 +70,14 @@ def build_parser() -> Parser:
                         f"(adakron default: {ours.init}; paper and --method adapter: {paper.init})")
     method.add_argument("--outer-bias", type=float, help="initial bias of the f-wide outer factor u "
                         f"(adakron default: {ours.outer_bias:g}; paper: {paper.outer_bias:g})")
-    method.add_argument("--down-lr-ratio", type=float, help="the down-projections (u, v) train at --lr times this "
+    method.add_argument("--down-lr-ratio", type=float, help="the down-projections v and u (u unless "
+                        "--outer-lr-ratio is given) train at --lr times this "
                         f"(adakron default: {ours.down_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper and --method adapter: {paper.down_lr_ratio:g})")
-    method.add_argument("--outer-lr-ratio", type=float, help="the outer factor u alone trains at --lr times this "
-                        "(adakron default: " + (f"{ours.outer_lr_ratio:g} up to --rank {REFERENCE_RANK}, times "
-                        f"{REFERENCE_RANK}/rank above" if ours.outer_lr_ratio is not None else
-                        "--down-lr-ratio's") + "; paper: --down-lr-ratio's)")
+    method.add_argument("--outer-lr-ratio", type=float, help="the f-wide outer factor u alone trains at --lr times "
+                        "this (default: --down-lr-ratio's if that is given, else the recipe's: " +
+                        (f"{ours.outer_lr_ratio:g} up to --rank {REFERENCE_RANK}, times {REFERENCE_RANK}/rank "
+                         "above" if ours.outer_lr_ratio is not None else "as v") + "; paper: 1)")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
                         f"(default: {ours.up_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper: {paper.up_lr_ratio:g})")

@@ -109,7 +109,7 @@ class TrainArgs:
     outer_bias: float | None = None
     down_lr_ratio: float | None = None
     up_lr_ratio: float | None = None
-    outer_lr_ratio: float | None = None  # AdaKron's outer factor u; the recipe's, else down_lr_ratio
+    outer_lr_ratio: float | None = None  # AdaKron's outer factor u; --down-lr-ratio's if given, else the recipe's
     placement: str = _CONFIG_DEFAULTS["placement"]
     # MAdaKron: experts on the down-projection(s), merged for evaluation and for the saved adapter.
     num_experts: int = _CONFIG_DEFAULTS["num_experts"]
@@ -171,7 +171,9 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
         max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
-    if chosen["outer_lr_ratio"] is None:  # neither the flag nor the recipe gives u a rate of its own: v's
+    if args.outer_lr_ratio is None and (args.down_lr_ratio is not None or chosen["outer_lr_ratio"] is None):
+        # --down-lr-ratio has always meant u and v: given alone, u follows it (as parameter_groups does); and
+        # where the recipe gives u no rate of its own, u trains at v's.
         chosen["outer_lr_ratio"] = chosen["down_lr_ratio"]
     numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "lora_alpha", "max_train_samples",
                                                 "max_eval_samples", "eval_steps", "max_steps")},
