@@ -75,9 +75,9 @@ def build_parser() -> Parser:
                         f"(adakron default: {ours.down_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper and --method adapter: {paper.down_lr_ratio:g})")
     method.add_argument("--outer-lr-ratio", type=float, help="the f-wide outer factor u alone trains at --lr times "
-                        "this (default: --down-lr-ratio's if that is given, else the recipe's: " +
-                        (f"{ours.outer_lr_ratio:g} up to --rank {REFERENCE_RANK}, times {REFERENCE_RANK}/rank "
-                         "above" if ours.outer_lr_ratio is not None else "as v") + "; paper: 1)")
+                        f"this (default: --down-lr-ratio's if that is given, else the recipe's: "
+                        f"{ours.outer_lr_ratio:g} up to --rank {REFERENCE_RANK}, times {REFERENCE_RANK}/rank above; "
+                        "paper: 1)")
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
                         f"(default: {ours.up_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper: {paper.up_lr_ratio:g})")

@@ -37,7 +37,7 @@ UP_LR_RATIO = 1.0
 # 2lr/3) is not measured on the GLUE grid. Rank 16 is the one measured: every other rank up to 32 gets its ratios
 # untested, and below 32 the ratios are never raised.
 REFERENCE_RANK = 32
-# The outer factor u's rate, where it differs from v's (None would be v's, the down-projections' rate).
+# The outer factor u's rate (FactorRates.outer = None would give u v's, the down-projections' rate).
 OUTER_LR_RATIO = 0.125
 
 DOWN, OUTER, UP, HEAD = "adakron_down", "adakron_down_outer", "adakron_up", "head"
@@ -65,8 +65,7 @@ class FactorRates:
 def default_rates(rank: int) -> FactorRates:
     """The default recipe's factor rates for an adapter of size ``rank``: times min(1, 32 / rank)."""
     scale = min(1.0, REFERENCE_RANK / rank)
-    return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale,
-                       None if OUTER_LR_RATIO is None else OUTER_LR_RATIO * scale)
+    return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale, OUTER_LR_RATIO * scale)
 
 
 def _adapter_parameters(model: nn.Module) -> dict[int, tuple[str, int]]:
@@ -128,7 +127,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         if kind == OUTER:
             if outer_lr_ratio is not None or down_lr_ratio is not None:
                 return down_lr_ratio if outer_lr_ratio is None else outer_lr_ratio
-            return down if rates.outer is None else rates.outer
+            return rates.outer
         if kind == DOWN:
             return down
         return rates.up if up_lr_ratio is None else up_lr_ratio
