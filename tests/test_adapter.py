@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -33,16 +34,33 @@ def test_u_and_v_run_as_one_matmul(monkeypatch):
     assert calls == [(4 + 12, 24), (24, 48)]  # down (u and v together), then up
 
 
-def test_a_state_dict_holds_u_and_v_as_one_matrix_outer_rows_first_the_checkpoint_layout():
+def test_a_file_holds_u_and_v_as_one_matrix_outer_rows_first_and_either_layout_loads():
     adapter = _adapter(rank=16, kron_factor=4)
-    state = adapter.state_dict()
-    assert sorted(state) == ["adakron_down.bias", "adakron_down.weight", "adakron_up.bias", "adakron_up.weight"]
-    assert torch.equal(state["adakron_down.weight"][:4], adapter.adakron_down_outer.weight)
-    assert torch.equal(state["adakron_down.bias"][4:], adapter.adakron_down_inner.bias)
-    fresh = _adapter(rank=16, kron_factor=4, init="identity")
-    fresh.load_state_dict(state)
+    saved = adapter.saved_state_dict()
+    assert sorted(saved) == ["adakron_down.bias", "adakron_down.weight", "adakron_up.bias", "adakron_up.weight"]
+    assert torch.equal(saved["adakron_down.weight"][:4], adapter.adakron_down_outer.weight)
+    assert torch.equal(saved["adakron_down.bias"][4:], adapter.adakron_down_inner.bias)
     h = torch.randn(3, 24)
-    torch.testing.assert_close(fresh(h), adapter(h), atol=0, rtol=0)
+    for state in (saved, adapter.state_dict()):
+        fresh = _adapter(rank=16, kron_factor=4, init="identity")
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh(h), adapter(h), atol=0, rtol=0)
+
+
+def test_a_state_dict_holds_the_parameters_themselves_as_torch_promises():
+    """In-place users of a state dict (an EMA of the weights, in-place loaders) write into the module."""
+    adapter = _adapter(rank=16, kron_factor=4)
+    state = adapter.state_dict(keep_vars=True)
+    assert state["adakron_down_outer.weight"] is adapter.adakron_down_outer.weight
+    adapter.state_dict()["adakron_down_inner.bias"].fill_(3.0)
+    assert torch.all(adapter.adakron_down_inner.bias == 3.0)
+
+
+def test_a_fused_matrix_of_another_size_is_a_size_mismatch_even_when_not_strict():
+    """The Trainer reloads with strict=False: a wrong down matrix must fail there too, not be skipped."""
+    other = _adapter(rank=16, kron_factor=2).saved_state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for adakron_down.weight: the checkpoint has 10 rows"):
+        _adapter(rank=16, kron_factor=4).load_state_dict(other, strict=False)
 
 
 def test_a_seed_draws_the_same_weights_as_when_u_and_v_were_one_module():

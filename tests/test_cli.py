@@ -133,6 +133,8 @@ def test_bad_input_gives_one_line_and_exit_2_with_nothing_written(tiny_model_dir
     _fails(capsys, [*own, "--method", "adapter", "--kron-factor", "2"], "--kron-factor is for --method adakron", out)
     _fails(capsys, [*own, "--lora-r", "4"], "--lora-r is for --method lora; --method adakron would ignore it", out)
     _fails(capsys, [*own, "--experts", "both"], "--experts both places experts, but --num-experts is 1", out)
+    _fails(capsys, [*own, "--kron-factor", "1", "--outer-lr-ratio", "0.1"],
+           "--outer-lr-ratio is the rate of AdaKron's outer factor u, which --kron-factor 1", out)
 
 
 def test_existing_output_dir_is_kept_without_overwrite(tiny_model_dir, csv_data, tmp_path, capsys):
@@ -232,17 +234,61 @@ def test_a_missing_model_folder_is_named_as_a_folder_not_a_bad_hub_id(tmp_path, 
            "model folder")
 
 
-def test_resume_refuses_a_finished_run_and_changed_settings(tiny_model_dir, csv_data, tmp_path, capsys):
+def test_resume_refuses_a_finished_run(tiny_model_dir, csv_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, *csv_data, out, "--epochs", "1")) == 0
     _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],
            "that run has finished")
-    (out / "checkpoints").mkdir()
-    from adakron.training.trainer import RUN_ARGS
 
-    (out / "checkpoints" / RUN_ARGS).write_text(json.dumps({"lr": 1.0}))
-    _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out, "--epochs", "1"), "--resume"],
-           "these differ: ")
+
+def _checkpointed_by_an_older_adakron(argv: list[str], without: tuple[str, ...] = (), **recorded) -> None:
+    """Leaves the run folder of `adakron ARGV` as an older adakron left a run it was killed in: the settings file
+    of its checkpoints, as that version wrote it (``recorded``: other values; ``without``: settings it had no
+    flag for)."""
+    from adakron.cli import build_parser
+    from adakron.cli import train_args as parse
+    from adakron.training.rundir import CHECKPOINTS, RUN_ARGS, comparable
+    from adakron.training.trainer import prepare
+
+    prepared = prepare(parse(build_parser().parse_args(argv)))
+    settings = {k: v for k, v in {**comparable(prepared.args), **recorded}.items() if k not in without}
+    (prepared.output_dir / CHECKPOINTS).mkdir(parents=True)
+    (prepared.output_dir / CHECKPOINTS / RUN_ARGS).write_text(json.dumps(settings))
+
+
+def test_resume_names_each_changed_setting_with_the_runs_value_and_the_new_one(tiny_model_dir, csv_data, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "run"
+    _checkpointed_by_an_older_adakron(train_args(tiny_model_dir, *csv_data, out), lr=0.001)
+    _fails(capsys, [*train_args(tiny_model_dir, *csv_data, out), "--resume"],
+           "these differ: lr (run: 0.001, now: 0.005)")
+
+
+def test_a_lora_run_resumes_whatever_the_adapter_recipe_it_ignores_was_then(tiny_model_dir, csv_data, tmp_path):
+    """A LoRA run records the adapter rates of the default recipe of its day, which it never read: a new
+    default (or u's rate, added since) must not stop it from resuming."""
+    out = tmp_path / "run"
+    argv = train_args(tiny_model_dir, *csv_data, out, "--method", "lora")
+    _checkpointed_by_an_older_adakron(argv, ("outer_lr_ratio",), down_lr_ratio=0.25, up_lr_ratio=0.5)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["hyperparameters"]["method"] == "lora"
+
+
+def test_an_adakron_run_checkpointed_before_u_and_v_were_split_is_refused_and_kept(tiny_model_dir, csv_data,
+                                                                                   tmp_path, capsys):
+    """Its optimizer state holds u and v as one matrix, which fits none of today's parameters: one line saying so
+    and what to do, instead of a traceback from inside the Trainer; the folder is left as it was."""
+    out = tmp_path / "run"
+    argv = train_args(tiny_model_dir, *csv_data, out, "--down-lr-ratio", "0.25", "--up-lr-ratio", "0.5")
+    _checkpointed_by_an_older_adakron(argv, ("outer_lr_ratio",))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    _fails(capsys, [*argv, "--resume"], "its checkpoints are from before AdaKron's u and v were parameters")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # MAdaKron's experts were apart before, so such a run resumes when u still trains at v's rate.
+    experts = train_args(tiny_model_dir, *csv_data, tmp_path / "experts", "--num-experts", "2",
+                         "--down-lr-ratio", "0.25")
+    _checkpointed_by_an_older_adakron(experts, ("outer_lr_ratio",))
+    assert main([*experts, "--resume"]) == 0
 
 
 def test_eval_refuses_a_task_with_other_labels(tiny_model_dir, csv_data, tmp_path, capsys):

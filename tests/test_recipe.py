@@ -126,15 +126,6 @@ def test_u_has_the_recipes_rate_follows_a_down_ratio_given_alone_and_takes_its_o
     assert rate() == 0.125 and rate(down_lr_ratio=0.25) == 0.25 and rate(down_lr_ratio=0.25, outer_lr_ratio=0.03) == 0.03
 
 
-def test_a_run_checkpointed_before_u_had_a_rate_of_its_own_resumes_when_u_still_trains_at_vs():
-    from adakron.training.rundir import _same_setting
-
-    before = {"down_lr_ratio": 0.25}
-    assert _same_setting("outer_lr_ratio", before, 0.25)
-    assert not _same_setting("outer_lr_ratio", before, 0.125)
-    assert _same_setting("outer_lr_ratio", {}, 1.0)  # adakron 0.1.0: one lr for everything
-
-
 def test_a_checkpoint_holds_u_and_v_as_the_one_down_matrix_every_checkpoint_before_had(tmp_path):
     """Saved files keep the layout of adakron 0.1.0 (u's rows first in `adakron_down.weight`), so a file written
     before u and v were held apart loads into them: here its down matrices are overwritten with new numbers."""

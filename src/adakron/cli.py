@@ -15,18 +15,12 @@ from .adapters.optim import REFERENCE_RANK
 from .errors import Parser, UsageError
 from .training.generate import Sampling
 from .training.inference import BATCH_SIZE, PREDICTION_COLUMN, SCORE_COLUMN
-from .training.recipes import ADAPTER_RECIPES, CAUSAL_LM_RECIPE, FULL_LR, METHOD_LR, METHODS, PAPER_LR, TrainArgs
+from .training.recipes import (ADAPTER_RECIPES, CAUSAL_LM_RECIPE, FULL_LR, METHOD_FLAGS, METHOD_LR, METHODS, PAPER_LR,
+                               TrainArgs)
 
 # One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
 DEFAULTS = {f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}
 SAMPLING_DEFAULTS = {f.name: f.default for f in fields(Sampling)}
-ADAPTERS = ("adakron", "adapter")
-# `adakron train`'s flags that only some methods read (the others train as if the flag were not there).
-METHOD_FLAGS = {"rank": ADAPTERS, "kron_factor": ("adakron",), "recipe": ADAPTERS, "init": ADAPTERS,
-                "outer_bias": ADAPTERS, "down_lr_ratio": ADAPTERS, "up_lr_ratio": ADAPTERS,
-                "outer_lr_ratio": ("adakron",), "placement": ADAPTERS,
-                "num_experts": ADAPTERS, "experts": ADAPTERS, "consistency_weight": ADAPTERS,
-                "lora_r": ("lora",), "lora_alpha": ("lora",)}
 
 
 def _columns(value: str) -> list[str]:
@@ -182,6 +176,9 @@ def train_args(ns: argparse.Namespace) -> TrainArgs:
                              f"--method {ns.method} would ignore it: drop it")
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     args = TrainArgs(**{**fields, **{dest: DEFAULTS[dest] for dest in METHOD_FLAGS if fields[dest] is None}})
+    if ns.outer_lr_ratio is not None and args.kron_factor == 1:
+        raise UsageError("--outer-lr-ratio is the rate of AdaKron's outer factor u, which --kron-factor 1 (the "
+                         "plain bottleneck adapter) does not have: drop it")
     if ns.experts is not None and args.num_experts == 1:
         raise UsageError(f"--experts {ns.experts} places experts, but --num-experts is 1 (AdaKron, no experts): "
                          "add --num-experts 4 (the authors' MAdaKron), or drop --experts")

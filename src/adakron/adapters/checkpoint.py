@@ -37,10 +37,14 @@ def adapter_state_dict(model: nn.Module, name: str, merged: bool = False) -> dic
     as the adapter would be after merge_experts (MAdaKron), without changing it."""
     tensors = {}
     for path, owned in _owned_modules(model, name):
-        state = owned.merged_state_dict() if merged and isinstance(owned, KronAdapter) else owned.state_dict()
-        for key, tensor in state.items():
+        for key, tensor in _saved(owned, merged).items():
             tensors[f"{path}.{key}"] = tensor
     return tensors
+
+
+def _saved(owned: nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
+    """A module of an adapter as its file holds it (AdaKron's u and v as one matrix)."""
+    return owned.saved_state_dict(merged) if isinstance(owned, KronAdapter) else owned.state_dict()
 
 
 def _owned_modules(model: nn.Module, name: str):
@@ -53,10 +57,10 @@ def _owned_modules(model: nn.Module, name: str):
 
 
 def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Copies checked tensors into adapter ``name`` through each module's load_state_dict: a state dict may hold
-    copies (AdaKron's u and v are saved as one matrix), so writing into its tensors would change nothing."""
+    """Copies checked tensors, in the file's layout, into adapter ``name`` through each module's load_state_dict
+    (which splits AdaKron's fused down matrix into u and v)."""
     for path, owned in _owned_modules(model, name):
-        owned.load_state_dict({key: tensors[f"{path}.{key}"] for key in owned.state_dict()})
+        owned.load_state_dict({key: tensors[f"{path}.{key}"] for key in _saved(owned)})
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
@@ -211,7 +215,7 @@ def _check_sizes(model: nn.Module, config: AdaKronConfig, tensors: dict[str, tor
         base = base.base_layer if isinstance(base, AdaKronLayer) else base
         with torch.device("meta"):  # shapes only: nothing is allocated
             probe = KronAdapter(output_width(base), config)
-        expected.update({f"{site}.{key}": tensor for key, tensor in probe.state_dict().items()})
+        expected.update({f"{site}.{key}": tensor for key, tensor in probe.saved_state_dict().items()})
     problem = _mismatch(expected, {k: v for k, v in tensors.items() if ".adakron_" in k})
     if problem:
         raise AdapterLoadError(f"{directory} does not fit this model (different width, depth or type?): {problem}")

@@ -19,8 +19,8 @@ def kron_features(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)
 
 
-# Where the down-projection lives in a state dict: AdaKron's u and v fused into one matrix, outer rows first, the
-# checkpoint layout of every adapter saved so far (and the one-factor adapter's own module).
+# Where the down-projection lives in an adapter file: AdaKron's u and v fused into one matrix, outer rows first, the
+# layout of every adapter saved so far (and the one-factor adapter's own module).
 FUSED_DOWN = "adakron_down"
 OUTER, INNER = "adakron_down_outer", "adakron_down_inner"
 
@@ -30,8 +30,10 @@ class KronAdapter(nn.Module):
 
     The two down-projections are modules of their own, ``adakron_down_outer`` (u, width ``f``) and
     ``adakron_down_inner`` (v, width ``r/f``), so that an optimizer can give them different learning rates
-    (``adakron.parameter_groups``); both read the same ``h``, so they still run as one matmul. State dicts hold
-    them fused, as ``adakron_down.weight`` / ``.bias`` (outer rows first), the layout of every checkpoint.
+    (``adakron.parameter_groups``); both read the same ``h``, so they still run as one matmul. The module's
+    state dict holds them apart (the parameters themselves, as torch promises); adapter files hold them fused,
+    as ``adakron_down.weight`` / ``.bias`` (outer rows first, ``saved_state_dict``), the layout of every file
+    saved so far, and ``load_state_dict`` takes either layout.
     With ``kron_factor == 1`` there is no product: this is the plain bottleneck adapter, one ``adakron_down``.
 
     With ``num_experts > 1`` (MAdaKron) the outer projection (``experts="outer"``) or both (``"both"``) are
@@ -57,7 +59,6 @@ class KronAdapter(nn.Module):
         self.adakron_up = nn.Linear(config.rank, width)
         self.act = ACT2FN[config.activation]
         self.reset_parameters(config.init, initializer_range, config.outer_bias)
-        self.register_state_dict_post_hook(_fuse_down)
         self.register_load_state_dict_pre_hook(_split_down)
 
     @property
@@ -142,31 +143,33 @@ class KronAdapter(nn.Module):
         self.has_experts = False
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict the merged adapter would have, without changing this one."""
+        """The state dict the merged adapter would have in a file, without changing this one."""
         with torch.no_grad():
             weight, bias = self.merged_down()
-        return {"adakron_down.weight": weight, "adakron_down.bias": bias,
+        return {f"{FUSED_DOWN}.weight": weight, f"{FUSED_DOWN}.bias": bias,
                 "adakron_up.weight": self.adakron_up.weight, "adakron_up.bias": self.adakron_up.bias}
 
+    def saved_state_dict(self, merged: bool = False) -> dict[str, torch.Tensor]:
+        """This adapter as an adapter file holds it: u and v fused (copies); MAdaKron's experts apart unless
+        ``merged``."""
+        return self.merged_state_dict() if merged or self.split else self.state_dict()
 
-def _fuse_down(module: KronAdapter, state: dict, prefix: str, local_metadata) -> None:
-    """State dicts hold u and v as the one matrix every checkpoint has (a copy: load through load_state_dict)."""
+
+def _split_down(module: KronAdapter, state: dict, prefix: str, local_metadata, strict, missing, unexpected,
+                error_msgs: list[str]) -> None:
+    """Loads the fused layout of adapter files (and of checkpoints written before u and v were apart) into u and
+    v; a wrong number of rows is a size mismatch, as it would be for any parameter, strict or not."""
     if not module.split:
         return
+    rows = module.outer + module.adakron_down_inner.out_features
     for kind in ("weight", "bias"):
-        outer, inner = state.pop(f"{prefix}{OUTER}.{kind}"), state.pop(f"{prefix}{INNER}.{kind}")
-        state[f"{prefix}{FUSED_DOWN}.{kind}"] = torch.cat([outer, inner])
-
-
-def _split_down(module: KronAdapter, state: dict, prefix: str, *_) -> None:
-    """Loads the fused layout into u and v (a wrong shape is left for load_state_dict to report)."""
-    if not module.split:
-        return
-    for kind in ("weight", "bias"):
-        fused = state.get(f"{prefix}{FUSED_DOWN}.{kind}")
-        if fused is None or fused.shape[0] != module.outer + module.adakron_down_inner.out_features:
+        fused = state.pop(f"{prefix}{FUSED_DOWN}.{kind}", None)
+        if fused is None:
             continue
-        del state[f"{prefix}{FUSED_DOWN}.{kind}"]
+        if fused.shape[0] != rows:
+            error_msgs.append(f"size mismatch for {prefix}{FUSED_DOWN}.{kind}: the checkpoint has {fused.shape[0]} "
+                              f"rows, this adapter {rows} (f={module.outer} + r/f={rows - module.outer})")
+            continue
         state[f"{prefix}{OUTER}.{kind}"] = fused[: module.outer]
         state[f"{prefix}{INNER}.{kind}"] = fused[module.outer :]
 

@@ -16,6 +16,13 @@ from ..errors import UsageError
 MIN_MAX_LENGTH = 8
 
 METHODS = ("adakron", "adapter", "lora", "full")
+ADAPTERS = ("adakron", "adapter")
+# `adakron train`'s settings that only some methods read (the others train as if the flag were not there).
+METHOD_FLAGS = {"rank": ADAPTERS, "kron_factor": ("adakron",), "recipe": ADAPTERS, "init": ADAPTERS,
+                "outer_bias": ADAPTERS, "down_lr_ratio": ADAPTERS, "up_lr_ratio": ADAPTERS,
+                "outer_lr_ratio": ("adakron",), "placement": ADAPTERS,
+                "num_experts": ADAPTERS, "experts": ADAPTERS, "consistency_weight": ADAPTERS,
+                "lora_r": ("lora",), "lora_alpha": ("lora",)}
 @dataclass(frozen=True)
 class Recipe:
     epochs: int

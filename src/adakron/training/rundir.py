@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .recipes import MIN_MAX_LENGTH, OWN_DATA_RECIPE, TrainArgs
+from .recipes import METHOD_FLAGS, MIN_MAX_LENGTH, OWN_DATA_RECIPE, TrainArgs
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,16 @@ def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
                 "that run has finished (pass --overwrite to train again)" if finished else
                 "no epoch checkpoint was written yet (start again with --overwrite)"))
         before = read_json_object(saved, "cannot resume: {path} is damaged ({why}); start again with --overwrite")
+        if _holds_fused_down(before, args):
+            raise UsageError(f"cannot resume {output_dir}: its checkpoints are from before AdaKron's u and v were "
+                             "parameters of their own, and their optimizer state does not fit them; train again "
+                             "into a new --output-dir (or here with --overwrite)")
         now = comparable(args)
-        changed = sorted(k for k in now if not _same_setting(k, before, now[k]))
+        changed = sorted(k for k in now if _read_by(k, args.method) and not _same_setting(k, before, now[k]))
         if changed:
             raise UsageError(f"--resume needs the same settings as the run in {output_dir}; these differ: "
-                             f"{', '.join(changed)}")
+                             + ", ".join(f"{k} (run: {before.get(k, 'not recorded')}, now: {now[k]})"
+                                         for k in changed))
     elif output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
         raise UsageError(f"output dir {output_dir} exists and is not empty; pass --overwrite to replace it "
                          f"or --resume to continue its run")
@@ -155,6 +160,19 @@ def comparable(args: TrainArgs) -> dict[str, Any]:
         if value and Path(value).exists():
             settings[key] = str(Path(value).resolve())
     return settings
+
+
+def _read_by(key: str, method: str) -> bool:
+    """Whether ``method`` trains by setting ``key``: a LoRA run ignores the adapter rates it records, which
+    follow the default recipe and so change with it."""
+    return method in METHOD_FLAGS.get(key, (method,))
+
+
+def _holds_fused_down(before: dict, args: TrainArgs) -> bool:
+    """A checkpoint whose optimizer holds AdaKron's u and v as one parameter (written before outer_lr_ratio
+    existed): AdaKron with a Kronecker product and no experts, the only adapter whose parameters were split."""
+    return ("outer_lr_ratio" not in before and before.get("method", "adakron") == "adakron"
+            and args.method == "adakron" and args.kron_factor > 1 and args.num_experts == 1)
 
 
 def _same_setting(key: str, before: dict, value: Any) -> bool:
