@@ -370,7 +370,23 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
             lines.append(f"{setting} not reached (best {100 * best:.1f}) | | | | |")
     plot = folder.parent / "time_to_accuracy.png"
     _plot_curves(runs, plot)
-    return lines + ["", f"![SST-2 dev accuracy against training time]({plot.relative_to(HERE).as_posix()})", ""]
+    return lines + ["", *_curves_by_step(runs),
+                    f"![SST-2 dev accuracy against training time]({plot.relative_to(HERE).as_posix()})", ""]
+
+
+def _curves_by_step(runs: list[dict]) -> list[str]:
+    """Dev accuracy at each evaluated step, a column per method: a run is deterministic (every sitting of a method
+    gives the same curve, only its seconds move), so this compares learning speed free of the machine's load."""
+    curves = {}
+    for r in runs:  # the first run of each method (and lr) stands for all its sittings
+        curves.setdefault(f"{r['method']} (lr {r['lr']:g})", {p["step"]: p["accuracy"] for p in r["curve"]})
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines = ["Dev accuracy (%) at each evaluated step, until each method's run reached the target:", "",
+             "| step | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
+    for step in steps:
+        cells = [f"{100 * c[step]:.1f}" if step in c else "" for c in curves.values()]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _plot_curves(runs: list[dict], path: Path) -> None:

@@ -77,6 +77,19 @@ def test_the_results_count_each_planned_run_once_whether_or_not_lrs_are_chosen(t
     assert render._planned_done(tmp_path) == (0, sum(per_method.values()) + len(glue.ABLATIONS))
 
 
+def test_time_to_accuracy_curves_by_step_give_each_method_one_column_whatever_its_sittings():
+    import render
+
+    def run(method, accuracies):
+        return {"method": method, "lr": 0.002, "curve": [{"step": 100 * (i + 1), "accuracy": a}
+                                                          for i, a in enumerate(accuracies)]}
+
+    lines = render._curves_by_step([run("lora", [0.80, 0.86]), run("lora", [0.80, 0.86]),
+                                    run("adakron", [0.81, 0.84, 0.851])])
+    assert lines[2] == "| step | lora (lr 0.002) | adakron (lr 0.002) |"
+    assert lines[4:7] == ["| 100 | 80.0 | 81.0 |", "| 200 | 86.0 | 84.0 |", "| 300 |  | 85.1 |"]
+
+
 def test_the_recipe_screen_runs_every_task_candidate_and_lr_once_with_the_top_lr_first():
     order = recipe.screen_order(list(recipe.CANDIDATES))
     assert len(order) == len(set(order)) == len(recipe.TASKS) * len(recipe.CANDIDATES) * len(recipe.LRS)
