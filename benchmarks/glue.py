@@ -3,7 +3,7 @@ embedded all-MiniLM-L6-v2. Resumable: every run writes its own JSON under benchm
 is skipped when that file exists, so the grid can be completed over several sittings. Several workers may
 share the grid (e.g. one per core, each with OMP_NUM_THREADS=1): a run is claimed by a lock file beside its
 result (an flock, released by the kernel if a worker dies). A method's runs wait for its MRPC lr selection: a
-worker skips them while another worker still runs that selection, so rerun the workers until nothing is left.
+worker whose share of the scan is done waits (polling) while another worker still trains the rest of it.
 
     python benchmarks/glue.py                      # the whole grid (hours on a 2-core CPU; resumable)
     python benchmarks/glue.py --tasks rte --methods adakron16 --seeds 42
@@ -299,6 +299,9 @@ def planned_runs(folder: Path, methods=None, tasks=TASKS, seeds=SEEDS, ablations
             yield "mrpc", method, 42, lr
 
 
+SCAN_POLL_SECONDS = 30
+
+
 def run_grid(args) -> None:
     folder = RESULTS / ("glue-quick" if args.quick else "glue")
     methods = [METHODS[m] for m in args.methods]
@@ -307,8 +310,16 @@ def run_grid(args) -> None:
             for method in methods:
                 run_one(task, method, 42, method.lr_grid[0], args, folder)
         return
-    for task, method, seed, lr in planned_runs(folder, methods, args.tasks, args.seeds, args.ablations):
-        run_one(task, method, seed, lr, args, folder)
+    while True:
+        for task, method, seed, lr in planned_runs(folder, methods, args.tasks, args.seeds, args.ablations):
+            run_one(task, method, seed, lr, args, folder)
+        # A worker that finishes its share of an MRPC scan while another worker still trains the rest would
+        # otherwise stop here, with the method's tasks still to run once its lr is chosen.
+        waiting = [m.key for m in methods if chosen_lr(m, folder) is None]
+        if not waiting:
+            return
+        print(f"-- waiting for another worker's MRPC lr scan of {', '.join(waiting)}", flush=True)
+        time.sleep(SCAN_POLL_SECONDS)
 
 
 def full_pass(args, run, label: str) -> None:

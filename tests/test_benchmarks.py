@@ -69,6 +69,32 @@ def test_the_grid_runs_each_task_at_the_chosen_lr_with_three_seeds_only_where_mu
         [(t, 42) for t in glue.TASKS] + [(t, s) for t in ("rte", "mrpc", "cola") for s in glue.SEEDS[1:]])
 
 
+def test_a_worker_waits_for_another_workers_lr_scan_and_then_runs_the_tasks(tmp_path, monkeypatch):
+    """Two workers share a method's MRPC scan; the one that finishes first must not stop before the lr is chosen."""
+    method = glue.METHODS["lora"]
+    scan = [tmp_path / "glue" / f"{glue.run_id('mrpc', method, 42, lr)}.json" for lr in method.lr_grid]
+    trained = []
+
+    def run_one(task, method, seed, lr, args, folder):
+        path = folder / f"{glue.run_id(task, method, seed, lr)}.json"
+        if path == scan[-1] and not path.exists():  # the other worker holds this one
+            return None
+        if not path.exists():
+            path.write_text(json.dumps({"best": {"dev_f1": 0.9 if lr == method.lr_grid[1] else 0.8}}))
+            trained.append((task, seed, lr))
+
+    def sleep(seconds):  # meanwhile, the other worker finishes its share of the scan
+        scan[-1].write_text(json.dumps({"best": {"dev_f1": 0.7}}))
+
+    (tmp_path / "glue").mkdir()
+    monkeypatch.setattr(glue, "RESULTS", tmp_path)
+    monkeypatch.setattr(glue, "run_one", run_one)
+    monkeypatch.setattr(glue.time, "sleep", sleep)
+    glue.run_grid(SimpleNamespace(quick=False, methods=["lora"], tasks=list(glue.TASKS), seeds=list(glue.SEEDS),
+                                  ablations=False))
+    assert {(t, s) for t, s, lr in trained if lr == method.lr_grid[1]} >= {(t, 42) for t in glue.TASKS if t != "mrpc"}
+
+
 def test_the_results_count_each_planned_run_once_whether_or_not_lrs_are_chosen(tmp_path):
     import render
 
