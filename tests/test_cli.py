@@ -284,11 +284,23 @@ def test_an_adakron_run_checkpointed_before_u_and_v_were_split_is_refused_and_ke
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     _fails(capsys, [*argv, "--resume"], "its checkpoints are from before AdaKron's u and v were parameters")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    # MAdaKron's experts were apart before, so such a run resumes when u still trains at v's rate.
+    # MAdaKron's experts were apart before, so such a run resumes when u still trains at v's rate; the message
+    # names the rate u had then, and flags left out are a changed setting, not a run that can never resume.
     experts = train_args(tiny_model_dir, *csv_data, tmp_path / "experts", "--num-experts", "2",
                          "--down-lr-ratio", "0.25")
     _checkpointed_by_an_older_adakron(experts, ("outer_lr_ratio",))
+    _fails(capsys, [*experts, "--outer-lr-ratio", "0.125", "--resume"],
+           "these differ: outer_lr_ratio (run: 0.25, v's, now: 0.125)")
+    _fails(capsys, [*experts[:-4], "--resume"], "these differ: down_lr_ratio (run: 0.25, now: 0.5), num_experts")
     assert main([*experts, "--resume"]) == 0
+
+
+def test_a_one_factor_adakron_run_resumes_with_the_u_rate_it_recorded_but_never_read(tiny_model_dir, csv_data,
+                                                                                       tmp_path):
+    """Before --outer-lr-ratio was refused at --kron-factor 1 a run could record one; it had no u to use it on."""
+    argv = train_args(tiny_model_dir, *csv_data, tmp_path / "run", "--kron-factor", "1")
+    _checkpointed_by_an_older_adakron(argv, outer_lr_ratio=0.25)
+    assert main([*argv, "--resume"]) == 0
 
 
 def test_eval_refuses_a_task_with_other_labels(tiny_model_dir, csv_data, tmp_path, capsys):

@@ -108,16 +108,15 @@ def check_output_dir(output_dir: Path, args: TrainArgs) -> None:
                 "that run has finished (pass --overwrite to train again)" if finished else
                 "no epoch checkpoint was written yet (start again with --overwrite)"))
         before = read_json_object(saved, "cannot resume: {path} is damaged ({why}); start again with --overwrite")
-        if _holds_fused_down(before, args):
+        if _holds_fused_down(before):
             raise UsageError(f"cannot resume {output_dir}: its checkpoints are from before AdaKron's u and v were "
                              "parameters of their own, and their optimizer state does not fit them; train again "
                              "into a new --output-dir (or here with --overwrite)")
         now = comparable(args)
-        changed = sorted(k for k in now if _read_by(k, args.method) and not _same_setting(k, before, now[k]))
+        changed = sorted(k for k in now if _read_by(k, args) and not _same_setting(k, before, now[k]))
         if changed:
             raise UsageError(f"--resume needs the same settings as the run in {output_dir}; these differ: "
-                             + ", ".join(f"{k} (run: {before.get(k, 'not recorded')}, now: {now[k]})"
-                                         for k in changed))
+                             + ", ".join(f"{k} (run: {_recorded(k, before)}, now: {now[k]})" for k in changed))
     elif output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
         raise UsageError(f"output dir {output_dir} exists and is not empty; pass --overwrite to replace it "
                          f"or --resume to continue its run")
@@ -162,17 +161,29 @@ def comparable(args: TrainArgs) -> dict[str, Any]:
     return settings
 
 
-def _read_by(key: str, method: str) -> bool:
-    """Whether ``method`` trains by setting ``key``: a LoRA run ignores the adapter rates it records, which
-    follow the default recipe and so change with it."""
-    return method in METHOD_FLAGS.get(key, (method,))
+def _read_by(key: str, args: TrainArgs) -> bool:
+    """Whether the run trains by setting ``key``: a LoRA run ignores the adapter rates it records, which follow
+    the default recipe and so change with it; an adapter without an outer factor (kron_factor 1) has no u."""
+    if key == "outer_lr_ratio" and args.kron_factor == 1:
+        return False
+    return args.method in METHOD_FLAGS.get(key, (args.method,))
 
 
-def _holds_fused_down(before: dict, args: TrainArgs) -> bool:
-    """A checkpoint whose optimizer holds AdaKron's u and v as one parameter (written before outer_lr_ratio
-    existed): AdaKron with a Kronecker product and no experts, the only adapter whose parameters were split."""
+def _holds_fused_down(before: dict) -> bool:
+    """A run whose checkpoints' optimizer holds AdaKron's u and v as one parameter (written before outer_lr_ratio
+    existed): AdaKron with a Kronecker product and no experts, the only adapter whose parameters were split. Read
+    from what the run recorded, so that no flag given now can make it look otherwise."""
     return ("outer_lr_ratio" not in before and before.get("method", "adakron") == "adakron"
-            and args.method == "adakron" and args.kron_factor > 1 and args.num_experts == 1)
+            and before.get("kron_factor") != 1 and before.get("num_experts", 1) == 1)
+
+
+def _recorded(key: str, before: dict) -> Any:
+    """The value a run trained with, as _same_setting reads it: a setting added since is the value it had then."""
+    if key in before:
+        return before[key]
+    if key == "outer_lr_ratio":
+        return f"{before.get('down_lr_ratio', ADDED_SETTINGS['down_lr_ratio'][0])}, v's"
+    return ADDED_SETTINGS[key][0] if key in ADDED_SETTINGS else "not recorded"
 
 
 def _same_setting(key: str, before: dict, value: Any) -> bool:
