@@ -91,6 +91,14 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
+def outer_ratio(outer_lr_ratio: float | None, down_lr_ratio: float | None, default: float) -> float:
+    """u's ratio: its own where given; else a down ratio given alone, which has always meant u and v; else the
+    recipe's ``default``. The one place this rule lives (``parameter_groups`` and ``adakron train`` read it)."""
+    if outer_lr_ratio is not None:
+        return outer_lr_ratio
+    return default if down_lr_ratio is None else down_lr_ratio
+
+
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
                      down_lr_ratio: float | None = None, up_lr_ratio: float | None = None,
                      outer_lr_ratio: float | None = None) -> list[dict]:
@@ -125,9 +133,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         rates = default_rates(rank)
         down = rates.down if down_lr_ratio is None else down_lr_ratio
         if kind == OUTER:
-            if outer_lr_ratio is not None or down_lr_ratio is not None:
-                return down_lr_ratio if outer_lr_ratio is None else outer_lr_ratio
-            return rates.outer
+            return outer_ratio(outer_lr_ratio, down_lr_ratio, rates.outer)
         if kind == DOWN:
             return down
         return rates.up if up_lr_ratio is None else up_lr_ratio

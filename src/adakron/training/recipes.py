@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..adapters.config import AdaKronConfig
-from ..adapters.optim import DOWN_LR_RATIO, OUTER_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO, default_rates
+from ..adapters.optim import DOWN_LR_RATIO, OUTER_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO, default_rates, outer_ratio
 from ..errors import UsageError
 
 # The shortest --max-length: [CLS] a [SEP] b [SEP] with a token of each text left, and some room.
@@ -178,10 +178,10 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
         batch_size=recipe.batch_size if args.batch_size is None else args.batch_size,
         max_length=recipe.max_length if args.max_length is None else args.max_length,
     )
-    if args.outer_lr_ratio is None and (args.down_lr_ratio is not None or chosen["outer_lr_ratio"] is None):
-        # --down-lr-ratio has always meant u and v: given alone, u follows it (as parameter_groups does); and
-        # where the recipe gives u no rate of its own, u trains at v's.
-        chosen["outer_lr_ratio"] = chosen["down_lr_ratio"]
+    # Where the recipe gives u no rate of its own, u trains at v's.
+    recipe_outer = adapter_recipe_.outer_lr_ratio
+    chosen["outer_lr_ratio"] = outer_ratio(args.outer_lr_ratio, args.down_lr_ratio,
+                                           chosen["down_lr_ratio"] if recipe_outer is None else recipe_outer)
     numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "lora_alpha", "max_train_samples",
                                                 "max_eval_samples", "eval_steps", "max_steps")},
                **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}
