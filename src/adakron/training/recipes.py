@@ -23,6 +23,8 @@ METHOD_FLAGS = {"rank": ADAPTERS, "kron_factor": ("adakron",), "recipe": ADAPTER
                 "outer_lr_ratio": ("adakron",), "placement": ADAPTERS,
                 "num_experts": ADAPTERS, "experts": ADAPTERS, "consistency_weight": ADAPTERS,
                 "lora_r": ("lora",), "lora_alpha": ("lora",)}
+
+
 @dataclass(frozen=True)
 class Recipe:
     epochs: int

@@ -182,13 +182,18 @@ def _recorded(key: str, before: dict) -> Any:
     if key in before:
         return before[key]
     if key == "outer_lr_ratio":
-        return f"{before.get('down_lr_ratio', ADDED_SETTINGS['down_lr_ratio'][0])}, v's"
+        return f"{_u_rate_before_its_own(before)}, v's"
     return ADDED_SETTINGS[key][0] if key in ADDED_SETTINGS else "not recorded"
 
 
+def _u_rate_before_its_own(before: dict) -> float:
+    """The rate u trained at in a run recorded before it had a rate of its own: v's, the down ratio."""
+    return before.get("down_lr_ratio", ADDED_SETTINGS["down_lr_ratio"][0])
+
+
 def _same_setting(key: str, before: dict, value: Any) -> bool:
-    if key == "outer_lr_ratio" and key not in before:  # u trained at v's rate before it had a rate of its own
-        return value == before.get("down_lr_ratio", ADDED_SETTINGS["down_lr_ratio"][0])
+    if key == "outer_lr_ratio" and key not in before:
+        return value == _u_rate_before_its_own(before)
     if key not in before:
         return key in ADDED_SETTINGS and value in ADDED_SETTINGS[key]
     old = before[key]
