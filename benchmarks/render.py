@@ -347,8 +347,9 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
               "`adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/4 and B at lr/2; u, v at lr/2 and "
               "B at lr; u, v at lr/8). Compare rows of one sitting (the same date): the machine's load moves every "
               "timing.",
-              "", "| method | lr | measured | target | eval every | threads | reached at step (epoch) | accuracy then | "
-              "training s | wall s incl. eval | s/step |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "", "| method | lr | seed | measured | target | eval every | threads | reached at step (epoch) | "
+              "accuracy then | training s | wall s incl. eval | s/step |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     from time_to_accuracy import GRID_KEYS
 
     for r in runs:
@@ -359,7 +360,7 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
         name = r["method"]
         if chosen != r["lr"]:
             name += " (lr selection unfinished)" if chosen is None else f" (superseded: the grid chose {chosen:g})"
-        setting = (f"| {name} | {r['lr']:g} | {r.get('date', 'earlier')} | {100 * r['target']:g}% | "
+        setting = (f"| {name} | {r['lr']:g} | {r['seed']} | {r.get('date', 'earlier')} | {100 * r['target']:g}% | "
                    f"{r['eval_steps']} | {r['threads']} |")
         if hit:
             lines.append(f"{setting} {hit['step']} ({hit['epoch']:.2f}) | "
@@ -370,8 +371,29 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
             lines.append(f"{setting} not reached (best {100 * best:.1f}) | | | | |")
     plot = folder.parent / "time_to_accuracy.png"
     _plot_curves(runs, plot)
-    return lines + ["", *_curves_by_step(runs),
+    return lines + ["", *_steps_by_seed(runs), *_curves_by_step([r for r in runs if r["seed"] == 42]),
                     f"![SST-2 dev accuracy against training time]({plot.relative_to(HERE).as_posix()})", ""]
+
+
+def _steps_by_seed(runs: list[dict]) -> list[str]:
+    """The step at which each method first reached the target, a column per seed: steps, unlike seconds, do not move
+    with the machine's load, so seeds measured in different sittings compare."""
+    steps: dict[str, dict[int, int | None]] = {}
+    for r in runs:  # the first run of each method, lr and seed stands for all its sittings (they are deterministic)
+        reached = r["reached"]["step"] if r["reached"] else None
+        steps.setdefault(f"{r['method']} (lr {r['lr']:g})", {}).setdefault(r["seed"], reached)
+    seeds = sorted({seed for by_seed in steps.values() for seed in by_seed})
+    if seeds == [42]:
+        return []
+    lines = ["Steps to the target by seed (\"not reached\": not within the 2 epochs):", "",
+             "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for name, by_seed in steps.items():
+        cells = [("not reached" if by_seed[s] is None else str(by_seed[s])) if s in by_seed else "" for s in seeds]
+        hits = [step for step in by_seed.values() if step is not None]
+        mean = f"{sum(hits) / len(hits):.0f}" if len(hits) == len(seeds) else ""  # only over every seed
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    return lines + [""]
 
 
 def _curves_by_step(runs: list[dict]) -> list[str]:
@@ -381,7 +403,7 @@ def _curves_by_step(runs: list[dict]) -> list[str]:
     for r in runs:  # the first run of each method (and lr) stands for all its sittings
         curves.setdefault(f"{r['method']} (lr {r['lr']:g})", {p["step"]: p["accuracy"] for p in r["curve"]})
     steps = sorted({step for curve in curves.values() for step in curve})
-    lines = ["Dev accuracy (%) at each evaluated step, until each method's run reached the target:", "",
+    lines = ["Dev accuracy (%) at each evaluated step (seed 42), until each method's run reached the target:", "",
              "| step | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
     for step in steps:
         cells = [f"{100 * c[step]:.1f}" if step in c else "" for c in curves.values()]
@@ -396,13 +418,17 @@ def _plot_curves(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    for r in runs:
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than the default cycle's 10 colours
+    shown = {}
+    for r in runs:  # a line per method, lr and seed: its first sitting (the others differ only in their seconds)
+        shown.setdefault((r["method"], r["lr"], r["seed"]), r)
+    for (method, lr, seed), r in shown.items():
         ax.plot([p["train_seconds"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker=".",
-                label=f"{r['method']} (lr {r['lr']:g})")
+                label=f"{method} (lr {lr:g}, seed {seed})")
     for target in {r["target"] for r in runs}:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="training seconds (1 CPU thread)", ylabel="SST-2 dev accuracy (%)", title="Time to accuracy")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -116,6 +116,20 @@ def test_time_to_accuracy_curves_by_step_give_each_method_one_column_whatever_it
     assert lines[4:7] == ["| 100 | 80.0 | 81.0 |", "| 200 | 86.0 | 84.0 |", "| 300 |  | 85.1 |"]
 
 
+def test_time_to_accuracy_steps_by_seed_give_a_column_per_seed_and_a_mean_only_over_every_seed():
+    import render
+
+    def run(method, seed, step):
+        return {"method": method, "lr": 0.002, "seed": seed, "reached": step and {"step": step}}
+
+    lines = render._steps_by_seed([run("lora", 42, 1000), run("lora", 42, 1000), run("lora", 43, 600),
+                                   run("adakron", 42, 1200), run("adakron", 43, None), run("paper", 42, 1400)])
+    assert lines[2] == "| method | seed 42 | seed 43 | mean |"
+    assert lines[4:7] == ["| lora (lr 0.002) | 1000 | 600 | 800 |", "| adakron (lr 0.002) | 1200 | not reached |  |",
+                          "| paper (lr 0.002) | 1400 |  |  |"]
+    assert render._steps_by_seed([run("lora", 42, 1000)]) == []  # one seed: the curves table says it all
+
+
 def test_the_recipe_screen_runs_every_task_candidate_and_lr_once_with_the_top_lr_first():
     order = recipe.screen_order(list(recipe.CANDIDATES))
     assert len(order) == len(set(order)) == len(recipe.TASKS) * len(recipe.CANDIDATES) * len(recipe.LRS)
