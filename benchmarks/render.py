@@ -39,6 +39,11 @@ NAMES = {"adakron16-u8": "AdaKron r=16 f=4 (default: u at lr/8, v at lr/2, B at 
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
 
 
+def _missing(folder: Path) -> list[str]:
+    """The planned runs (at chosen lrs) that have no result yet."""
+    return [i for i in dict.fromkeys(run_id(*run) for run in planned_runs(folder)) if not (folder / f"{i}.json").exists()]
+
+
 def _planned_done(folder: Path) -> tuple[int, int]:
     """How many of the grid's planned runs (glue.planned_runs) have a result, and how many are planned in all.
     Other runs in the folder (at other lrs, or adopted from sibling studies) are not counted. Until a method's
@@ -64,9 +69,10 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
             by_cell[key, task].append(r)
     done = (f"{len(results)} PEFT runs finished before the pass was stopped (full fine-tuning trains the pooler "
             "anyway: its runs are in the table above)." if first_pass
-            else "{} of {} planned runs have finished.".format(*_planned_done(folder)))
+            else "{} of {} planned runs have finished{}.".format(
+                *_planned_done(folder), f" (to come: {', '.join(_missing(folder))})" if _missing(folder) else ""))
     lines += [f"{done} Best-epoch dev score "
-              "(last-epoch in brackets), mean ± std over seeds where there are 3; MRPC F1, STS-B Pearson, CoLA "
+              "(last-epoch in brackets), mean ± std over seeds where there are several (3 unless a cell says); MRPC F1, STS-B Pearson, CoLA "
               "Matthews, accuracy elsewhere; ×100. \"avg, seed 42\" averages the seed-42 runs alone, the same "
               "seeds for every method.", "",
               "| method | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg | avg, seed 42 | trainable params | "
@@ -83,7 +89,8 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
             best = [score(r, task) for r in runs]
             firsts += [score(r, task) for r in runs if r["seed"] == SEEDS[0]]
             last = [score(r, task, "last") for r in runs]
-            cells.append(f"{mean_std(best)} ({mean_std(last)})" if runs else "–")
+            seeds = "" if len(runs) in (1, len(SEEDS)) else f" [{len(runs)} seeds]"  # a cell short of the plan
+            cells.append(f"{mean_std(best)} ({mean_std(last)}){seeds}" if runs else "–")
             if runs:
                 means.append(statistics.mean(best))
                 # With a two-label head (the tasks' heads differ: 770 for two labels, 385 for STS-B's one output).
@@ -107,7 +114,7 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
               + " and ".join(f"`{name}` ({count:,})" for name, count in head_parts.items())
               + f", {head:,} in all with a two-label classifier (STS-B's one output has 385 fewer). The method's own "
               "column leaves the head out.",
-              "", f"Compute: the {len(results)} finished runs took "
+              "", f"Compute: the {len(results)} finished runs (the planned ones and the extra rows' and lrs') took "
               f"{sum(r['wall_seconds'] for r in results) / 3600:.1f} hours of wall time summed over runs (here: "
               "one torch thread per run, two runs at a time on the 2 cores). The epochs were chosen so the whole "
               "grid fits a budget of 12 CPU-hours.", ""]
