@@ -39,16 +39,21 @@ NAMES = {"adakron16-u8": "AdaKron r=16 f=4 (default: u at lr/8, v at lr/2, B at 
          "lora": "LoRA r=8 q,v (peft)", "full": "Full fine-tuning"}
 
 
+def _planned_ids(folder: Path) -> list[str]:
+    """The ids of the grid's planned runs at the chosen lrs, each once (MRPC at the chosen lr is also a scan run)."""
+    return list(dict.fromkeys(run_id(*run) for run in planned_runs(folder)))
+
+
 def _missing(folder: Path) -> list[str]:
     """The planned runs (at chosen lrs) that have no result yet."""
-    return [i for i in dict.fromkeys(run_id(*run) for run in planned_runs(folder)) if not (folder / f"{i}.json").exists()]
+    return [i for i in _planned_ids(folder) if not (folder / f"{i}.json").exists()]
 
 
 def _planned_done(folder: Path) -> tuple[int, int]:
     """How many of the grid's planned runs (glue.planned_runs) have a result, and how many are planned in all.
     Other runs in the folder (at other lrs, or adopted from sibling studies) are not counted. Until a method's
     lr is chosen, the runs at it are counted at a stand-in lr, its first: one id per planned run either way."""
-    chosen = {run_id(*run) for run in planned_runs(folder)}  # a set: MRPC at the chosen lr is also a scan run
+    chosen = _planned_ids(folder)
     everything = {run_id(*run) for run in planned_runs(folder, lr_of=lambda m, f: chosen_lr(m, f) or m.lr_grid[0])}
     return sum((folder / f"{i}.json").exists() for i in chosen), len(everything)
 
@@ -67,14 +72,17 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         key, task, lr = r["method_key"], r["task"], r["hyperparameters"]["lr"]
         if key in chosen and lr == chosen[key]:
             by_cell[key, task].append(r)
-    done = (f"{len(results)} PEFT runs finished before the pass was stopped (full fine-tuning trains the pooler "
-            "anyway: its runs are in the table above)." if first_pass
-            else "{} of {} planned runs have finished{}.".format(
-                *_planned_done(folder), f" (to come: {', '.join(_missing(folder))})" if _missing(folder) else ""))
+    if first_pass:
+        done = (f"{len(results)} PEFT runs finished before the pass was stopped (full fine-tuning trains the pooler "
+                "anyway: its runs are in the table above).")
+    else:
+        missing = _missing(folder)
+        done = "{} of {} planned runs have finished{}.".format(
+            *_planned_done(folder), f" (to come: {', '.join(missing)})" if missing else "")
     lines += [f"{done} Best-epoch dev score "
-              "(last-epoch in brackets), mean ± std over seeds where there are several (3 unless a cell says); MRPC F1, STS-B Pearson, CoLA "
-              "Matthews, accuracy elsewhere; ×100. \"avg, seed 42\" averages the seed-42 runs alone, the same "
-              "seeds for every method.", "",
+              "(last-epoch in brackets), mean ± std over seeds where there are several (3 unless a cell says); "
+              "MRPC F1, STS-B Pearson, CoLA Matthews, accuracy elsewhere; ×100. \"avg, seed 42\" averages the "
+              "seed-42 runs alone, the same seeds for every method.", "",
               "| method | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg | avg, seed 42 | trainable params | "
               "of which the method's own | wall s/run |", "|---" * (len(TASKS) + 7) + "|"]
     head_parts = _head_parameters(with_pooler=not first_pass)
@@ -382,13 +390,21 @@ def time_to_accuracy_section(folder: Path = RESULTS / "time_to_accuracy", grid: 
                     f"![SST-2 dev accuracy against training time]({plot.relative_to(HERE).as_posix()})", ""]
 
 
+def _first_sittings(runs: list[dict]) -> dict[tuple, dict]:
+    """The first run of each method, lr and seed, which stands for all its sittings: runs are deterministic, so
+    later sittings of one differ only in their seconds."""
+    first: dict[tuple, dict] = {}
+    for r in runs:
+        first.setdefault((r["method"], r["lr"], r["seed"]), r)
+    return first
+
+
 def _steps_by_seed(runs: list[dict]) -> list[str]:
     """The step at which each method first reached the target, a column per seed: steps, unlike seconds, do not move
     with the machine's load, so seeds measured in different sittings compare."""
     steps: dict[str, dict[int, int | None]] = {}
-    for r in runs:  # the first run of each method, lr and seed stands for all its sittings (they are deterministic)
-        reached = r["reached"]["step"] if r["reached"] else None
-        steps.setdefault(f"{r['method']} (lr {r['lr']:g})", {}).setdefault(r["seed"], reached)
+    for (method, lr, seed), r in _first_sittings(runs).items():
+        steps.setdefault(f"{method} (lr {lr:g})", {})[seed] = r["reached"]["step"] if r["reached"] else None
     seeds = sorted({seed for by_seed in steps.values() for seed in by_seed})
     if seeds == [42]:
         return []
@@ -407,8 +423,8 @@ def _curves_by_step(runs: list[dict]) -> list[str]:
     """Dev accuracy at each evaluated step, a column per method: a run is deterministic (every sitting of a method
     gives the same curve, only its seconds move), so this compares learning speed free of the machine's load."""
     curves = {}
-    for r in runs:  # the first run of each method (and lr) stands for all its sittings
-        curves.setdefault(f"{r['method']} (lr {r['lr']:g})", {p["step"]: p["accuracy"] for p in r["curve"]})
+    for (method, lr, _), r in _first_sittings(runs).items():  # runs of one seed: a column per method and lr
+        curves[f"{method} (lr {lr:g})"] = {p["step"]: p["accuracy"] for p in r["curve"]}
     steps = sorted({step for curve in curves.values() for step in curve})
     lines = ["Dev accuracy (%) at each evaluated step (seed 42), until each method's run reached the target:", "",
              "| step | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
@@ -426,10 +442,7 @@ def _plot_curves(runs: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than the default cycle's 10 colours
-    shown = {}
-    for r in runs:  # a line per method, lr and seed: its first sitting (the others differ only in their seconds)
-        shown.setdefault((r["method"], r["lr"], r["seed"]), r)
-    for (method, lr, seed), r in shown.items():
+    for (method, lr, seed), r in _first_sittings(runs).items():
         ax.plot([p["train_seconds"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker=".",
                 label=f"{method} (lr {lr:g}, seed {seed})")
     for target in {r["target"] for r in runs}:

@@ -107,8 +107,8 @@ def test_time_to_accuracy_curves_by_step_give_each_method_one_column_whatever_it
     import render
 
     def run(method, accuracies):
-        return {"method": method, "lr": 0.002, "curve": [{"step": 100 * (i + 1), "accuracy": a}
-                                                          for i, a in enumerate(accuracies)]}
+        return {"method": method, "lr": 0.002, "seed": 42, "curve": [{"step": 100 * (i + 1), "accuracy": a}
+                                                                      for i, a in enumerate(accuracies)]}
 
     lines = render._curves_by_step([run("lora", [0.80, 0.86]), run("lora", [0.80, 0.86]),
                                     run("adakron", [0.81, 0.84, 0.851])])
