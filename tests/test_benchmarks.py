@@ -250,3 +250,20 @@ def test_screen_runs_on_other_seeds_are_shown_where_the_confirmation_table_would
     run = {"best": {"dev_matthews_correlation": 0.2}, "epochs": [{"train_loss": 0.5}]}
     (tmp_path / f"{glue.run_id('cola', method, 43, 4e-3)}.json").write_text(json.dumps(run))
     assert recipe._other_seeds_table()[-2] == "| `id-bias1-u8-down2` | CoLA | 0.004 | 20.0 (0.500) | – |"
+
+
+def test_a_capped_recipe_trains_each_factor_at_its_cap_or_the_head_lr_and_is_the_default_at_the_top(tmp_path,
+                                                                                                   monkeypatch):
+    capped = recipe.CANDIDATES["id-bias1-capped"]
+    at_low, at_top = recipe.at_lr(capped, 5e-4), recipe.at_lr(capped, 4e-3)
+    assert (at_low.outer_lr_ratio, at_low.down_lr_ratio, at_low.up_lr_ratio) == (1.0, 1.0, 1.0)
+    assert (recipe.at_lr(capped, 2e-3).outer_lr_ratio, recipe.at_lr(capped, 2e-3).down_lr_ratio) == (0.25, 1.0)
+    assert (at_top.outer_lr_ratio, at_top.down_lr_ratio) == (0.125, 0.5)
+    # At the top of the grid it trains as the default does, so the default's run stands for it; below, it runs.
+    assert recipe.same_run(capped, 4e-3) == "id-bias1-u8-down2"
+    assert recipe.same_run(capped, 5e-4) is None
+    monkeypatch.setattr(recipe, "FOLDER", tmp_path)
+    monkeypatch.setattr(recipe, "GLUE_FOLDER", tmp_path / "none")
+    (tmp_path / "rte-id-bias1-u8-down2-s42-lr0.004.json").write_text('{"from": "default"}')
+    assert recipe.result("rte", capped, 42, 4e-3) == {"from": "default"}
+    assert recipe.result("rte", capped, 42, 5e-4) is None
