@@ -42,7 +42,8 @@ SEEDS = (42, 43, 44)
 # RTE and MRPC are small and noisy, so they get 3 seeds. So does CoLA for the methods compared in the headline: at
 # lr 4e-3 AdaKron r=16 learned CoLA on seed 42 and stuck at the majority class on seeds 43 and 44
 # (benchmarks/madakron.py), which one seed per method could not show, nor whether the others do the same.
-HEADLINE = ("adakron16-down2", "adakron16-half", "adakron16-u8", "adakron48-scaled", "adakron48-u8", "lora", "full")
+HEADLINE = ("adakron16-down2", "adakron16-half", "adakron16-u8", "adakron16-cap", "adakron48-scaled", "adakron48-u8",
+            "lora", "full")
 MULTI_SEED = ({(task, key) for task in ("rte", "mrpc") for key in ("adakron16",) + HEADLINE}
               | {("cola", key) for key in HEADLINE + ("adapter",)})
 
@@ -64,6 +65,9 @@ class Method:
     # (adakron train --outer-lr-ratio) scaled u's rows' AdamW step from the benchmark instead, which a test showed to
     # equal a group of u's own to 1e-6 over five scheduled steps (both in git history, commit 53d6cbc).
     outer_lr_ratio: float | None = None
+    # Caps on u's and v's rates, in absolute terms: at each lr the ratio becomes min(ratio, cap / lr) (at_lr).
+    outer_lr_cap: float | None = None
+    down_lr_cap: float | None = None
     num_experts: int = 1  # MAdaKron (benchmarks/madakron.py)
     experts: str = "outer"
     consistency_weight: float = 0.0
@@ -80,6 +84,10 @@ METHODS = {m.key: m for m in (
     # The default recipe at r=48 (u at lr/12, v at lr/3, B at 2lr/3: its r=16 rates times 32/48), spelt out.
     Method("adakron48-u8", "adakron", rank=48, recipe="default", down_lr_ratio=0.5 * (32 / 48),
            up_lr_ratio=1.0 * (32 / 48), outer_lr_ratio=0.125 * (32 / 48)),
+    # The recipe study's `id-bias1-capped`: the default's factor rates at lr 4e-3 become caps, u at min(lr, 5e-4), v
+    # at min(lr, 2e-3), B at lr; at 4e-3 it trains as `adakron16-u8`, whose runs stand for it there (same_training).
+    Method("adakron16-cap", "adakron", rank=16, recipe="default", down_lr_ratio=1.0, up_lr_ratio=1.0,
+           outer_lr_ratio=1.0, outer_lr_cap=4e-3 * 0.125, down_lr_cap=4e-3 * 0.5),
     # The previous default: u, v at lr/4, B at lr/2 up to rank 32 (the recipe study's `id-bias1-down4-up2`): RTE at
     # the majority class on seeds 43 and 44 at its lr. Its key is the candidate's it was measured under.
     Method("adakron16-half", "adakron", rank=16, recipe="default", down_lr_ratio=0.25, up_lr_ratio=0.5),
@@ -114,6 +122,27 @@ def run_id(task: str, method: Method, seed: int, lr: float) -> str:
     return f"{task}-{method.key}-s{seed}-lr{lr:g}"
 
 
+def at_lr(method: Method, lr: float) -> Method:
+    """The method as it trains at this lr: a capped factor's ratio is min(ratio, cap / lr), and the caps are spent."""
+    if method.outer_lr_cap is None and method.down_lr_cap is None:
+        return method
+
+    def capped(ratio: float | None, cap: float | None) -> float | None:
+        return ratio if cap is None else min(1.0 if ratio is None else ratio, cap / lr)
+
+    return replace(method, outer_lr_ratio=capped(method.outer_lr_ratio, method.outer_lr_cap),
+                   down_lr_ratio=capped(method.down_lr_ratio, method.down_lr_cap), outer_lr_cap=None,
+                   down_lr_cap=None)
+
+
+def same_training(method: Method, lr: float, methods: dict[str, Method]) -> str | None:
+    """The first of ``methods`` that trains exactly as ``method`` at this lr (a capped one at the top of the grid),
+    whose run stands for both; None where that is ``method`` itself."""
+    mine = replace(at_lr(method, lr), key="")
+    first = next((key for key, other in methods.items() if replace(at_lr(other, lr), key="") == mine), method.key)
+    return None if first == method.key else first
+
+
 # Runs another study already made with the same training, (folder, method key) -> (folder, method key): adopted,
 # not trained again. The recipe study's `id-bias1-down2` is the previous default spelt out knob by knob, and
 # MAdaKron's AdaKron row is this grid's default row (tests/test_benchmarks.py checks each pair trains alike).
@@ -122,6 +151,7 @@ TWINS = {("glue", "adakron16-half"): (("madakron", "adakron16"),),
          ("glue", "adakron16-down2"): (("recipe", "id-bias1-down2"), ("madakron-down2", "adakron16")),
          ("glue", "adakron16-down8"): (("recipe", "id-bias1-down8"),),
          ("glue", "adakron16-u8"): (("recipe", "id-bias1-u8-down2"),),
+         ("glue", "adakron16-cap"): (("recipe", "id-bias1-capped"),),
          ("madakron", "adakron16"): (("glue", "adakron16-half"),)}
 
 
@@ -132,10 +162,12 @@ def twin_pairs() -> list[tuple[tuple[str, str], tuple[str, str]]]:
 
 def adopt_twin(path: Path, task: str, method: Method, seed: int, lr: float) -> bool:
     """Copies the twin run of ``method`` into ``path`` under its own grid's method key, naming where it came from."""
-    if (path.parent.name, method.key) not in TWINS:
+    twins = list(TWINS.get((path.parent.name, method.key), ()))
+    if path.parent.name == "glue" and (same := same_training(method, lr, METHODS)) is not None:
+        twins.append(("glue", same))
+    if not twins:
         return False
-    found = [RESULTS / folder / f"{run_id(task, replace(method, key=key), seed, lr)}.json"
-             for folder, key in TWINS[path.parent.name, method.key]]
+    found = [RESULTS / folder / f"{run_id(task, replace(method, key=key), seed, lr)}.json" for folder, key in twins]
     twin = next((p for p in found if p.exists()), None)
     if twin is None:
         return False
@@ -181,6 +213,7 @@ def train_args(task: str, method: Method, seed: int, lr: float, args, scratch: P
     """What one run of the grid trains, as `adakron train`'s arguments."""
     from adakron.training.trainer import TrainArgs
 
+    method = at_lr(method, lr)
     return TrainArgs(
         task=task, data_dir=str(args.data_dir), method=method.method, rank=method.rank,
         kron_factor=method.kron_factor, recipe=method.recipe, init=method.init, outer_bias=method.outer_bias,

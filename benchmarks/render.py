@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 # The first pass (pooler frozen) ran each method's first three learning rates; later passes extended the grid.
 FIRST_PASS = {key: dataclasses.replace(m, lr_grid=m.lr_grid[:3]) for key, m in METHODS.items()}
 NAMES = {"adakron16-u8": "AdaKron r=16 f=4 (default: u at lr/8, v at lr/2, B at lr)",
+         "adakron16-cap": "AdaKron r=16 f=4, capped rates (u at min(lr, 5e-4), v at min(lr, 2e-3), B at lr)",
          "adakron16-half": "AdaKron r=16 f=4, previous default (u, v at lr/4, B at lr/2)",
          "adakron48-scaled": "AdaKron r=48 f=4, previous default (u, v at lr/6, B at lr/3)",
          "adakron48-u8": "AdaKron r=48 f=4 (default: u at lr/12, v at lr/3, B at 2lr/3)",

@@ -255,9 +255,9 @@ def test_screen_runs_on_other_seeds_are_shown_where_the_confirmation_table_would
 def test_a_capped_recipe_trains_each_factor_at_its_cap_or_the_head_lr_and_is_the_default_at_the_top(tmp_path,
                                                                                                    monkeypatch):
     capped = recipe.CANDIDATES["id-bias1-capped"]
-    at_low, at_top = recipe.at_lr(capped, 5e-4), recipe.at_lr(capped, 4e-3)
+    at_low, at_top = glue.at_lr(capped, 5e-4), glue.at_lr(capped, 4e-3)
     assert (at_low.outer_lr_ratio, at_low.down_lr_ratio, at_low.up_lr_ratio) == (1.0, 1.0, 1.0)
-    assert (recipe.at_lr(capped, 2e-3).outer_lr_ratio, recipe.at_lr(capped, 2e-3).down_lr_ratio) == (0.25, 1.0)
+    assert (glue.at_lr(capped, 2e-3).outer_lr_ratio, glue.at_lr(capped, 2e-3).down_lr_ratio) == (0.25, 1.0)
     assert (at_top.outer_lr_ratio, at_top.down_lr_ratio) == (0.125, 0.5)
     # At the top of the grid it trains as the default does, so the default's run stands for it; below, it runs.
     assert recipe.same_run(capped, 4e-3) == "id-bias1-u8-down2"
@@ -267,3 +267,22 @@ def test_a_capped_recipe_trains_each_factor_at_its_cap_or_the_head_lr_and_is_the
     (tmp_path / "rte-id-bias1-u8-down2-s42-lr0.004.json").write_text('{"from": "default"}')
     assert recipe.result("rte", capped, 42, 4e-3) == {"from": "default"}
     assert recipe.result("rte", capped, 42, 5e-4) is None
+
+
+def test_the_grids_capped_row_trains_each_lr_as_resolved_and_adopts_the_defaults_run_where_they_agree(tmp_path,
+                                                                                                   monkeypatch):
+    from argparse import Namespace
+
+    grid = Namespace(data_dir=Path("glue"), quick=False, max_train_samples=None, max_eval_samples=None)
+    capped = glue.METHODS["adakron16-cap"]
+    low = glue.train_args("rte", capped, 42, 1e-3, grid, Path("out"))
+    assert (low.outer_lr_ratio, low.down_lr_ratio, low.up_lr_ratio) == (0.5, 1.0, 1.0)
+    assert glue.same_training(capped, 4e-3, glue.METHODS) == "adakron16-u8"
+    assert glue.same_training(capped, 2e-3, glue.METHODS) is None
+    monkeypatch.setattr(glue, "RESULTS", tmp_path)
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "mrpc-adakron16-u8-s42-lr0.004.json").write_text('{"best": {}}')
+    assert glue.adopt_twin(tmp_path / "glue" / "mrpc-adakron16-cap-s42-lr0.004.json", "mrpc", capped, 42, 4e-3)
+    assert not glue.adopt_twin(tmp_path / "glue" / "mrpc-adakron16-cap-s42-lr0.002.json", "mrpc", capped, 42, 2e-3)
+    adopted = json.loads((tmp_path / "glue" / "mrpc-adakron16-cap-s42-lr0.004.json").read_text())
+    assert adopted["reused_from"] == "glue/mrpc-adakron16-u8-s42-lr0.004.json"
