@@ -134,7 +134,11 @@ def test_bad_input_gives_one_line_and_exit_2_with_nothing_written(tiny_model_dir
     _fails(capsys, [*own, "--lora-r", "4"], "--lora-r is for --method lora; --method adakron would ignore it", out)
     _fails(capsys, [*own, "--experts", "both"], "--experts both places experts, but --num-experts is 1", out)
     _fails(capsys, [*own, "--kron-factor", "1", "--outer-lr-ratio", "0.1"],
-           "--outer-lr-ratio is the rate of AdaKron's outer factor u, which --kron-factor 1", out)
+           "--outer-lr-ratio is for AdaKron's outer factor u, which --kron-factor 1", out)
+    _fails(capsys, [*own, "--kron-factor", "1", "--outer-lr-max", "1e-3"],
+           "--outer-lr-max is for AdaKron's outer factor u, which --kron-factor 1", out)
+    _fails(capsys, [*own, "--method", "lora", "--down-lr-max", "1e-3"], "--down-lr-max is for --method adakron", out)
+    _fails(capsys, [*own, "--down-lr-max", "0"], "--down-lr-max must be a finite positive number, got 0.0", out)
 
 
 def test_existing_output_dir_is_kept_without_overwrite(tiny_model_dir, csv_data, tmp_path, capsys):
@@ -301,6 +305,17 @@ def test_a_one_factor_adakron_run_resumes_with_the_u_rate_it_recorded_but_never_
     argv = train_args(tiny_model_dir, *csv_data, tmp_path / "run", "--kron-factor", "1")
     _checkpointed_by_an_older_adakron(argv, outer_lr_ratio=0.25)
     assert main([*argv, "--resume"]) == 0
+
+
+def test_a_run_checkpointed_before_the_rate_caps_existed_resumes_and_one_with_a_cap_keeps_it(tiny_model_dir,
+                                                                                             csv_data, tmp_path,
+                                                                                             capsys):
+    argv = train_args(tiny_model_dir, *csv_data, tmp_path / "run")
+    _checkpointed_by_an_older_adakron(argv, ("down_lr_max", "outer_lr_max"))
+    assert main([*argv, "--resume"]) == 0
+    capped = train_args(tiny_model_dir, *csv_data, tmp_path / "capped", "--recipe", "capped")
+    _checkpointed_by_an_older_adakron(capped)
+    _fails(capsys, [*capped[:-2], "--resume"], "these differ: down_lr_max (run: 0.002, now: None)")
 
 
 def test_eval_refuses_a_task_with_other_labels(tiny_model_dir, csv_data, tmp_path, capsys):

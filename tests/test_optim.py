@@ -148,3 +148,27 @@ def test_an_adapter_named_like_a_factor_leaves_each_parameter_in_its_own_group(n
             2e-3 if inside and inside.startswith("adakron_up") else 1e-3
         assert lr == expected, n
     assert sorted({g["lr"] for g in groups}) == [0.25e-3, 1e-3, 2e-3]
+
+
+def test_a_cap_holds_a_factors_rate_at_it_while_a_lower_lr_trains_the_factor_at_its_ratio():
+    model = _model()
+    adapter = next(m for m in model.modules() if isinstance(m, adakron.adapters.kron.KronAdapter))
+    u, v, b = adapter.adakron_down_outer.weight, adapter.adakron_down_inner.weight, adapter.adakron_up.weight
+
+    def rates(lr, **knobs):
+        found = {id(p): g["lr"] for g in parameter_groups(model, lr, **knobs) for p in g["params"]}
+        return found[id(u)], found[id(v)], found[id(b)]
+
+    capped = dict(down_lr_ratio=1.0, up_lr_ratio=1.0, outer_lr_ratio=1.0, down_lr_max=2e-3, outer_lr_max=5e-4)
+    assert rates(4e-3, **capped) == (5e-4, 2e-3, 4e-3) == rates(4e-3)  # the default's rates at its lr
+    assert rates(1e-3, **capped) == (5e-4, 1e-3, 1e-3)
+    assert rates(5e-4, **capped) == (5e-4, 5e-4, 5e-4)
+    # u's cap is v's unless it has its own, as u's ratio is v's unless it has its own.
+    assert rates(4e-3, down_lr_ratio=1.0, outer_lr_ratio=1.0, down_lr_max=1e-3) == (1e-3, 1e-3, 4e-3)
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, float("inf"), float("nan"), "1e-3", True])
+def test_a_cap_that_is_not_a_positive_learning_rate_is_refused(bad):
+    for knob in ("down_lr_max", "outer_lr_max"):
+        with pytest.raises(ValueError, match=f"{knob} .* must be a positive learning rate"):
+            parameter_groups(_model(), lr=1e-3, **{knob: bad})

@@ -234,3 +234,36 @@ def test_above_rank_32_the_default_recipe_scales_the_factor_rates_by_32_over_r(r
 def test_the_rank_rule_leaves_the_paper_recipe_the_plain_adapter_and_given_ratios_alone(flags):
     args = with_recipe(TrainArgs(rank=48, **flags), OWN_DATA_RECIPE)
     assert (args.down_lr_ratio, args.up_lr_ratio) == ((0.5, 1.0) if "down_lr_ratio" in flags else (1.0, 1.0))
+
+
+def test_the_capped_recipe_is_the_defaults_init_with_its_rates_at_lr_4e_3_as_caps():
+    """The recipe study's `id-bias1-capped`: exact values, and at lr 4e-3 the same groups as the default."""
+    args = with_recipe(TrainArgs(recipe="capped", lr=1e-3), OWN_DATA_RECIPE)
+    assert (args.init, args.outer_bias, args.down_lr_ratio, args.up_lr_ratio, args.outer_lr_ratio, args.down_lr_max,
+            args.outer_lr_max) == ("identity", 1.0, 1.0, 1.0, 1.0, 2e-3, 5e-4)
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron_config(args))
+
+    def rates(run):
+        return [(g["name"], g["lr"]) for g in parameter_groups(model, run.lr, 0.1, run.down_lr_ratio,
+                                                                  run.up_lr_ratio, run.outer_lr_ratio,
+                                                                  run.down_lr_max, run.outer_lr_max)]
+
+    top = [with_recipe(TrainArgs(recipe=name, lr=4e-3), OWN_DATA_RECIPE) for name in ("capped", "default")]
+    assert rates(top[0]) == rates(top[1])
+    assert dict(rates(args)) == {"adakron_down": 1e-3, "adakron_down/no_decay": 1e-3, "adakron_down_outer": 5e-4,
+                                 "adakron_down_outer/no_decay": 5e-4, "adakron_up": 1e-3, "adakron_up/no_decay": 1e-3,
+                                 "head": 1e-3, "head/no_decay": 1e-3}
+
+
+def test_caps_follow_the_rules_of_the_ratios_a_down_cap_alone_caps_u_too_and_rank_48_scales_them():
+    def caps(**flags):
+        args = with_recipe(TrainArgs(**flags), OWN_DATA_RECIPE)
+        return args.down_lr_max, args.outer_lr_max
+
+    assert caps() == (None, None) == caps(recipe="paper")
+    assert caps(down_lr_max=1e-3) == (1e-3, 1e-3) == caps(recipe="capped", down_lr_max=1e-3)
+    assert caps(recipe="capped", outer_lr_max=1e-4) == (2e-3, 1e-4)
+    assert caps(recipe="capped", rank=48) == pytest.approx((2e-3 / 1.5, 5e-4 / 1.5), rel=1e-12)
+    with pytest.raises(adakron.errors.UsageError, match="--down-lr-max must be a finite positive number"):
+        caps(down_lr_max=0.0)

@@ -56,8 +56,9 @@ def build_parser() -> Parser:
     method.add_argument("--kron-factor", type=int,
                         help=f"outer factor width f (adakron; default: {DEFAULTS['kron_factor']})")
     method.add_argument("--recipe", choices=list(ADAPTER_RECIPES),
-                        help="adakron/adapter recipe: 'default' (this library's, see README) or 'paper' (the "
-                             "authors' code: their init, one lr for everything); the five flags below override it")
+                        help="adakron/adapter recipe: 'default' (this library's, see README), 'paper' (the "
+                             "authors' code: their init, one lr for everything) or 'capped' (the default's init, "
+                             "its factor rates at lr 4e-3 as caps); the seven flags below override it")
     ours, paper = ADAPTER_RECIPES["default"], ADAPTER_RECIPES["paper"]
     method.add_argument("--init", choices=list(INITS), help="'identity': up-projection zeroed, so training starts "
                         "from the base model; 'reference': every adapter weight N(0, 0.02) "
@@ -75,6 +76,12 @@ def build_parser() -> Parser:
     method.add_argument("--up-lr-ratio", type=float, help="the up-projection B trains at --lr times this "
                         f"(default: {ours.up_lr_ratio:g} up to --rank {REFERENCE_RANK}, "
                         f"times {REFERENCE_RANK}/rank above; paper: {paper.up_lr_ratio:g})")
+    capped = ADAPTER_RECIPES["capped"]
+    method.add_argument("--down-lr-max", type=float, help="a cap on the rate of v (and of u unless --outer-lr-max "
+                        "is given), in absolute terms: v trains at min(--lr times --down-lr-ratio, this) (default: "
+                        f"none; --recipe capped: {capped.down_lr_max:g})")
+    method.add_argument("--outer-lr-max", type=float, help="a cap on the rate of the outer factor u alone (default: "
+                        f"--down-lr-max's if that is given, else the recipe's: none; capped: {capped.outer_lr_max:g})")
     method.add_argument("--num-experts", type=int,
                         help="MAdaKron: experts per down-projection, one drawn per step, merged for evaluation and "
                              "in the saved adapter (its experts are kept in <output-dir>/experts); default 1 = "
@@ -176,9 +183,10 @@ def train_args(ns: argparse.Namespace) -> TrainArgs:
                              f"--method {ns.method} would ignore it: drop it")
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     args = TrainArgs(**{**fields, **{dest: DEFAULTS[dest] for dest in METHOD_FLAGS if fields[dest] is None}})
-    if ns.outer_lr_ratio is not None and args.kron_factor == 1:
-        raise UsageError("--outer-lr-ratio is the rate of AdaKron's outer factor u, which --kron-factor 1 (the "
-                         "plain bottleneck adapter) does not have: drop it")
+    for flag in ("outer_lr_ratio", "outer_lr_max"):
+        if getattr(ns, flag) is not None and args.kron_factor == 1:
+            raise UsageError(f"--{flag.replace('_', '-')} is for AdaKron's outer factor u, which --kron-factor 1 (the "
+                             "plain bottleneck adapter) does not have: drop it")
     if ns.experts is not None and args.num_experts == 1:
         raise UsageError(f"--experts {ns.experts} places experts, but --num-experts is 1 (AdaKron, no experts): "
                          "add --num-experts 4 (the authors' MAdaKron), or drop --experts")

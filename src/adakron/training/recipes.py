@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..adapters.config import AdaKronConfig
-from ..adapters.optim import DOWN_LR_RATIO, OUTER_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO, default_rates, outer_ratio
+from ..adapters.optim import (DOWN_LR_MAX, DOWN_LR_RATIO, OUTER_LR_MAX, OUTER_LR_RATIO, REFERENCE_RANK, UP_LR_RATIO,
+                              default_rates, outer_ratio)
 from ..errors import UsageError
 
 # The shortest --max-length: [CLS] a [SEP] b [SEP] with a token of each text left, and some room.
@@ -20,7 +21,8 @@ ADAPTERS = ("adakron", "adapter")
 # `adakron train`'s settings that only some methods read (the others train as if the flag were not there).
 METHOD_FLAGS = {"rank": ADAPTERS, "kron_factor": ("adakron",), "recipe": ADAPTERS, "init": ADAPTERS,
                 "outer_bias": ADAPTERS, "down_lr_ratio": ADAPTERS, "up_lr_ratio": ADAPTERS,
-                "outer_lr_ratio": ("adakron",), "placement": ADAPTERS,
+                "outer_lr_ratio": ("adakron",), "down_lr_max": ADAPTERS, "outer_lr_max": ("adakron",),
+                "placement": ADAPTERS,
                 "num_experts": ADAPTERS, "experts": ADAPTERS, "consistency_weight": ADAPTERS,
                 "lora_r": ("lora",), "lora_alpha": ("lora",)}
 
@@ -76,6 +78,8 @@ class AdapterRecipe:
     down_lr_ratio: float
     up_lr_ratio: float
     outer_lr_ratio: float | None = None  # u's rate where it differs from v's; None: down_lr_ratio
+    down_lr_max: float | None = None  # caps on v's and u's rates, absolute (optim.parameter_groups); None: none
+    outer_lr_max: float | None = None  # u's cap where it differs from v's; None: down_lr_max
 
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in fields(AdaKronConfig)}
@@ -86,6 +90,10 @@ ADAPTER_RECIPES = {
                              OUTER_LR_RATIO),
     # The authors' code (DetectiveMB/AdaKron): every adapter weight N(0, 0.02), zero biases, one lr.
     "paper": AdapterRecipe("reference", 0.0, 1.0, 1.0),
+    # The default's init with its factor rates at lr 4e-3 as caps: u at min(lr, 5e-4), v at min(lr, 2e-3), B at lr
+    # (optim.DOWN_LR_MAX, OUTER_LR_MAX; benchmarks/recipe.py's `id-bias1-capped`).
+    "capped": AdapterRecipe(_CONFIG_DEFAULTS["init"], _CONFIG_DEFAULTS["outer_bias"], 1.0, UP_LR_RATIO, 1.0,
+                            DOWN_LR_MAX, OUTER_LR_MAX),
 }
 # The recipe study ran on encoders (GLUE) only, so a causal LM keeps what it shipped with: the authors' recipe
 # but starting from the base model (B = 0). A random up-projection on SmolLM2's feed-forward outputs, whose values
@@ -119,6 +127,8 @@ class TrainArgs:
     down_lr_ratio: float | None = None
     up_lr_ratio: float | None = None
     outer_lr_ratio: float | None = None  # AdaKron's outer factor u; --down-lr-ratio's if given, else the recipe's
+    down_lr_max: float | None = None  # caps on the factors' rates (absolute); None: the recipe's
+    outer_lr_max: float | None = None  # u's cap; --down-lr-max's if given, else the recipe's
     placement: str = _CONFIG_DEFAULTS["placement"]
     # MAdaKron: experts on the down-projection(s), merged for evaluation and for the saved adapter.
     num_experts: int = _CONFIG_DEFAULTS["num_experts"]
@@ -165,6 +175,11 @@ def adapter_recipe(name: str, causal_lm: bool = False, method: str = "adakron",
         rates = default_rates(rank) if isinstance(rank, int) and rank > 0 else default_rates(REFERENCE_RANK)
         return replace(ADAPTER_RECIPES[name], down_lr_ratio=rates.down, up_lr_ratio=rates.up,
                        outer_lr_ratio=rates.outer)
+    if name == "capped" and isinstance(rank, int) and rank > REFERENCE_RANK:  # as the default's, above rank 32
+        scale, capped = REFERENCE_RANK / rank, ADAPTER_RECIPES[name]
+        return replace(capped, **{k: getattr(capped, k) * scale for k in ("down_lr_ratio", "up_lr_ratio",
+                                                                            "outer_lr_ratio", "down_lr_max",
+                                                                            "outer_lr_max")})
     return ADAPTER_RECIPES[name]
 
 
@@ -184,6 +199,10 @@ def with_recipe(args: TrainArgs, recipe: Recipe, causal_lm: bool = False) -> Tra
     recipe_outer = adapter_recipe_.outer_lr_ratio
     chosen["outer_lr_ratio"] = outer_ratio(args.outer_lr_ratio, args.down_lr_ratio,
                                            chosen["down_lr_ratio"] if recipe_outer is None else recipe_outer)
+    # u's cap follows the same rule: its own, else a --down-lr-max given alone, else the recipe's.
+    recipe_outer_max = adapter_recipe_.outer_lr_max
+    chosen["outer_lr_max"] = outer_ratio(args.outer_lr_max, args.down_lr_max,
+                                         chosen["down_lr_max"] if recipe_outer_max is None else recipe_outer_max)
     numbers = {**{k: getattr(args, k) for k in ("rank", "kron_factor", "lora_r", "lora_alpha", "max_train_samples",
                                                 "max_eval_samples", "eval_steps", "max_steps")},
                **{k: v for k, v in chosen.items() if k not in ("init", "outer_bias")}}

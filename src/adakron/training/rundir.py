@@ -145,7 +145,8 @@ def remove_run_outputs(output_dir: Path) -> None:
 # Settings added after a run may have been checkpointed (adakron 0.1.0 wrote none of these), with the values
 # that run used: its checkpoint resumes when they still hold.
 ADDED_SETTINGS = {"recipe": ("default", "paper"), "outer_bias": (0.0,), "down_lr_ratio": (1.0,), "up_lr_ratio": (1.0,),
-                  "num_experts": (1,), "experts": ("outer",), "consistency_weight": (0.0,), "max_steps": (None,)}
+                  "num_experts": (1,), "experts": ("outer",), "consistency_weight": (0.0,), "max_steps": (None,),
+                  "down_lr_max": (None,), "outer_lr_max": (None,)}
 PATHS = ("train_file", "validation_file", "data_dir", "model")
 
 
@@ -164,7 +165,7 @@ def comparable(args: TrainArgs) -> dict[str, Any]:
 def _read_by(key: str, args: TrainArgs) -> bool:
     """Whether the run trains by setting ``key``: a LoRA run ignores the adapter rates it records, which follow
     the default recipe and so change with it; an adapter without an outer factor (kron_factor 1) has no u."""
-    if key == "outer_lr_ratio" and args.kron_factor == 1:
+    if key in ("outer_lr_ratio", "outer_lr_max") and args.kron_factor == 1:
         return False
     return args.method in METHOD_FLAGS.get(key, (args.method,))
 

@@ -213,7 +213,8 @@ def _optimizer(model, args: TrainArgs):
     from ..adapters.optim import parameter_groups
 
     return torch.optim.AdamW(parameter_groups(model, args.lr, args.weight_decay, args.down_lr_ratio,
-                                              args.up_lr_ratio, args.outer_lr_ratio))
+                                              args.up_lr_ratio, args.outer_lr_ratio, args.down_lr_max,
+                                              args.outer_lr_max))
 
 
 def _build_model(args: TrainArgs, labels: LabelSpace):
