@@ -14,7 +14,8 @@ present, so the runs can be spread over sittings.
     python benchmarks/time_to_accuracy.py --methods adakron,lora --again   # a new measurement, interleaved
 
 `adakron` is the library's default recipe, `adakron-paper` the authors' (`adakron train --recipe paper`),
-`adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/2 and B at lr; u, v at lr/8).
+`adakron-down2` and `adakron-down8` earlier defaults (u, v at lr/2 and B at lr; u, v at lr/8), `adakron-capped`
+`adakron train --recipe capped`.
 Timings on a shared machine move with its load: compare methods measured in one sitting (`--again`).
 """
 
@@ -39,8 +40,10 @@ OUT = RESULTS / "time_to_accuracy"
 # Each method's row of the quality grid: it trains as that row does (method and recipe), at the lr the row chose
 # on MRPC. `adakron` is the default recipe (u at lr/8, v at lr/2, B at lr), `adakron-half` the one before (u, v at
 # lr/4, B at lr/2; its run was stored as `adakron` when it was the default), `adakron-down2` an earlier one (u, v at
-# lr/2, B at lr), `adakron-down8` the first.
-GRID_KEYS = {"adakron": "adakron16-u8", "adakron-half": "adakron16-half", "adakron-down2": "adakron16-down2",
+# lr/2, B at lr), `adakron-down8` the first; `adakron-capped` is `adakron train --recipe capped` (u at min(lr, 5e-4),
+# v at min(lr, 2e-3), B at lr).
+GRID_KEYS = {"adakron": "adakron16-u8", "adakron-capped": "adakron16-cap", "adakron-half": "adakron16-half",
+             "adakron-down2": "adakron16-down2",
              "adakron-paper": "adakron16",
              "adakron-down8": "adakron16-down8", "lora": "lora", "full": "full"}
 
