@@ -116,6 +116,8 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
         if chosen[key] == max(methods[key].lr_grid):
             lr += " (top of its grid)"
         lines.append(f"| {NAMES[key]} | {lr} | " + " | ".join(cells) + f" | {avg} | {avg_first} | {param_text} | {wall} |")
+    # A row's run that another row of this grid trained identically (glue.same_training) is counted once.
+    trained = [r for r in results if not str(r.get("reused_from", "")).startswith(f"{folder.name}/")]
     lines += ["", *_recipe_table(results)]
     lines += ["Epochs per task (the same for every method): " +
               ", ".join(f"{TASK_NAMES[t]} {e}" for t, e in EPOCHS.items()) +
@@ -123,8 +125,8 @@ def glue_section(folder: Path, heading: str = "## GLUE dev (all-MiniLM-L6-v2, CP
               + " and ".join(f"`{name}` ({count:,})" for name, count in head_parts.items())
               + f", {head:,} in all with a two-label classifier (STS-B's one output has 385 fewer). The method's own "
               "column leaves the head out.",
-              "", f"Compute: the {len(results)} finished runs (the planned ones and the extra rows' and lrs') took "
-              f"{sum(r['wall_seconds'] for r in results) / 3600:.1f} hours of wall time summed over runs (here: "
+              "", f"Compute: the {len(trained)} finished runs (the planned ones and the extra rows' and lrs') took "
+              f"{sum(r['wall_seconds'] for r in trained) / 3600:.1f} hours of wall time summed over runs (here: "
               "one torch thread per run, two runs at a time on the 2 cores). The epochs were chosen so the whole "
               "grid fits a budget of 12 CPU-hours.", ""]
     if points:
