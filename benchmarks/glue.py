@@ -128,7 +128,9 @@ def at_lr(method: Method, lr: float) -> Method:
         return method
 
     def capped(ratio: float | None, cap: float | None) -> float | None:
-        return ratio if cap is None else min(1.0 if ratio is None else ratio, cap / lr)
+        if cap is not None and ratio is None:  # the recipe's ratio, which depends on the rank, is not known here
+            raise ValueError(f"{method.key}: a rate cap needs its ratio spelt out")
+        return ratio if cap is None else min(ratio, cap / lr)
 
     return replace(method, outer_lr_ratio=capped(method.outer_lr_ratio, method.outer_lr_cap),
                    down_lr_ratio=capped(method.down_lr_ratio, method.down_lr_cap), outer_lr_cap=None,

@@ -99,6 +99,8 @@ def run(method: str, lr: float, args) -> dict:
 
 def _recipe(method: str) -> str | None:
     row = METHODS[GRID_KEYS[method]]
+    if row.outer_lr_cap is not None or row.down_lr_cap is not None:
+        return "capped"  # spelt out in the grid, its rates resolved per lr (glue.at_lr): --recipe capped's
     return row.recipe if row.method in ("adakron", "adapter") else None
 
 

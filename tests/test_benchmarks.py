@@ -235,12 +235,13 @@ def test_every_recipe_candidate_is_described_in_the_results():
 
 
 def test_each_methods_default_lr_is_the_one_the_glue_grid_chose_for_it_on_mrpc():
-    from adakron.training.recipes import METHOD_LR, PAPER_LR
+    from adakron.training.recipes import CAPPED_LR, METHOD_LR, PAPER_LR
 
     rows = {"adakron": "adakron16-half", "adapter": "adapter", "lora": "lora"}
     for method, key in rows.items():
         assert METHOD_LR[method] == glue.chosen_lr(glue.METHODS[key], glue.RESULTS / "glue"), method
     assert PAPER_LR == glue.chosen_lr(glue.METHODS["adakron16"], glue.RESULTS / "glue")
+    assert CAPPED_LR == glue.chosen_lr(glue.METHODS["adakron16-cap"], glue.RESULTS / "glue")
 
 
 def test_screen_runs_on_other_seeds_are_shown_where_the_confirmation_table_would_not(tmp_path, monkeypatch):
@@ -286,3 +287,29 @@ def test_the_grids_capped_row_trains_each_lr_as_resolved_and_adopts_the_defaults
     assert not glue.adopt_twin(tmp_path / "glue" / "mrpc-adakron16-cap-s42-lr0.002.json", "mrpc", capped, 42, 2e-3)
     adopted = json.loads((tmp_path / "glue" / "mrpc-adakron16-cap-s42-lr0.004.json").read_text())
     assert adopted["reused_from"] == "glue/mrpc-adakron16-u8-s42-lr0.004.json"
+
+
+def test_the_grids_capped_row_trains_at_every_lr_of_its_grid_as_adakron_train_recipe_capped_does():
+    from argparse import Namespace
+
+    from adakron.adapters.optim import parameter_groups
+    from adakron.training.recipes import RECIPES, TrainArgs, adakron_config, with_recipe
+    from conftest import tiny_model
+
+    import adakron
+
+    grid = Namespace(data_dir=Path("glue"), quick=False, max_train_samples=None, max_eval_samples=None)
+    model = tiny_model("bert")
+    adakron.add_adapter(model, adakron.AdaKronConfig(rank=16))
+
+    def rates(run):
+        return [(g["name"], g["lr"]) for g in parameter_groups(model, run.lr, 0.1, run.down_lr_ratio, run.up_lr_ratio,
+                                                                  run.outer_lr_ratio, run.down_lr_max,
+                                                                  run.outer_lr_max)]
+
+    for lr in glue.METHODS["adakron16-cap"].lr_grid:
+        row = with_recipe(glue.train_args("rte", glue.METHODS["adakron16-cap"], 42, lr, grid, Path("out")),
+                          RECIPES["rte"])
+        flag = with_recipe(TrainArgs(task="rte", recipe="capped", lr=lr), RECIPES["rte"])
+        assert rates(row) == rates(flag), lr
+        assert adakron_config(row) == adakron_config(flag)

@@ -138,6 +138,7 @@ def test_bad_input_gives_one_line_and_exit_2_with_nothing_written(tiny_model_dir
     _fails(capsys, [*own, "--kron-factor", "1", "--outer-lr-max", "1e-3"],
            "--outer-lr-max is for AdaKron's outer factor u, which --kron-factor 1", out)
     _fails(capsys, [*own, "--method", "lora", "--down-lr-max", "1e-3"], "--down-lr-max is for --method adakron", out)
+    _fails(capsys, [*own, "--method", "lora", "--outer-lr-max", "1e-3"], "--outer-lr-max is for --method adakron", out)
     _fails(capsys, [*own, "--down-lr-max", "0"], "--down-lr-max must be a finite positive number, got 0.0", out)
 
 
@@ -316,6 +317,7 @@ def test_a_run_checkpointed_before_the_rate_caps_existed_resumes_and_one_with_a_
     capped = train_args(tiny_model_dir, *csv_data, tmp_path / "capped", "--recipe", "capped")
     _checkpointed_by_an_older_adakron(capped)
     _fails(capsys, [*capped[:-2], "--resume"], "these differ: down_lr_max (run: 0.002, now: None)")
+    assert main([*capped, "--resume"]) == 0
 
 
 def test_eval_refuses_a_task_with_other_labels(tiny_model_dir, csv_data, tmp_path, capsys):

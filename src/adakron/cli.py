@@ -15,8 +15,8 @@ from .adapters.optim import REFERENCE_RANK
 from .errors import Parser, UsageError
 from .training.generate import Sampling
 from .training.inference import BATCH_SIZE, PREDICTION_COLUMN, SCORE_COLUMN
-from .training.recipes import (ADAPTER_RECIPES, CAUSAL_LM_RECIPE, FULL_LR, METHOD_FLAGS, METHOD_LR, METHODS, PAPER_LR,
-                               TrainArgs)
+from .training.recipes import (ADAPTER_RECIPES, CAPPED_LR, CAUSAL_LM_RECIPE, FULL_LR, METHOD_FLAGS, METHOD_LR, METHODS,
+                               PAPER_LR, TrainArgs)
 
 # One source for every default: the flags show TrainArgs' own (which reads the adapter's from AdaKronConfig).
 DEFAULTS = {f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}
@@ -100,7 +100,7 @@ def build_parser() -> Parser:
     recipe.add_argument("--epochs", type=float)
     recipe.add_argument("--lr", type=float, help="the task head's learning rate (default: "
                         + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
-                        + f", adakron --recipe paper {PAPER_LR:g}, full {FULL_LR:g}; "
+                        + f", adakron --recipe paper {PAPER_LR:g}, --recipe capped {CAPPED_LR:g}, full {FULL_LR:g}; "
                         f"causal LMs {CAUSAL_LM_RECIPE.lr:g}; a task's recipe may set its own: see README)")
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--max-length", type=int)

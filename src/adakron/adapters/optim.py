@@ -69,9 +69,14 @@ class FactorRates:
                 raise ValueError(f"the {name}-projection lr ratio ({value!r}) must be a positive number, e.g. 1.0")
 
 
+def rank_scale(rank: int) -> float:
+    """What the default recipe's factor rates are multiplied by for an adapter of size ``rank``: min(1, 32 / rank)."""
+    return min(1.0, REFERENCE_RANK / rank)
+
+
 def default_rates(rank: int) -> FactorRates:
-    """The default recipe's factor rates for an adapter of size ``rank``: times min(1, 32 / rank)."""
-    scale = min(1.0, REFERENCE_RANK / rank)
+    """The default recipe's factor rates for an adapter of size ``rank``: times ``rank_scale(rank)``."""
+    scale = rank_scale(rank)
     return FactorRates(DOWN_LR_RATIO * scale, UP_LR_RATIO * scale, OUTER_LR_RATIO * scale)
 
 
@@ -100,7 +105,8 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 def outer_ratio(outer_lr_ratio: float | None, down_lr_ratio: float | None, default: float) -> float:
     """u's ratio: its own where given; else a down ratio given alone, which has always meant u and v; else the
-    recipe's ``default``. The one place this rule lives (``parameter_groups`` and ``adakron train`` read it)."""
+    recipe's ``default``. The one place this rule lives (``parameter_groups`` and ``adakron train`` read it, and
+    ``adakron train`` reads u's rate cap by it too)."""
     if outer_lr_ratio is not None:
         return outer_lr_ratio
     return default if down_lr_ratio is None else down_lr_ratio
@@ -127,7 +133,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         down_lr_max: a cap on v's rate (and u's unless ``outer_lr_max`` is given), in absolute terms: v trains at
             ``min(lr * down_lr_ratio, down_lr_max)``. The factors' stable step size does not grow with the head's
             lr, so a cap keeps them there at a high lr while a low lr trains them at the head's pace
-            (``adakron train --recipe capped``). None: no cap.
+            (``adakron train --recipe capped``). None: no cap. A cap is used as given, at every rank (``adakron
+            train --recipe capped`` scales its caps above rank 32 as it scales its ratios).
         outer_lr_max: the same cap for u alone; None: ``down_lr_max``.
 
     Every group carries ``name`` ("adakron_down", "adakron_down_outer" where u's rate differs from v's,
