@@ -260,13 +260,17 @@ def _plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), constrained_layout=True)
+    colours = plt.get_cmap("tab20").colors  # more candidates than tab10 has colours
     for ax, task in zip(axes, TASKS):
-        for key in CANDIDATES:
+        for i, key in enumerate(CANDIDATES):
             points = [(lr, score(r, task)) for lr in LRS if (r := runs[task, key, lr]) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=key, linestyle="--" if key in ("lora", "adapter") else "-")
+                ax.plot(*zip(*points), marker="o", label=key, color=colours[2 * i % 20 + 2 * i // 20],
+                        linestyle="--" if key in ("lora", "adapter") else "-",
+                        linewidth=2.5 if key in ("id-bias1-u8-down2", "id-bias1-capped") else 1.2)
         ax.set(xscale="log", xlabel="lr (task head)", ylabel=f"dev {REPORTED[task]} ×100", title=TASK_NAMES[task])
         ax.set_xticks(LRS, [f"{lr:g}" for lr in LRS])
+        ax.minorticks_off()
     axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
