@@ -43,9 +43,8 @@ OUT = RESULTS / "time_to_accuracy"
 # lr/2, B at lr), `adakron-down8` the first; `adakron-capped` is `adakron train --recipe capped` (u at min(lr, 5e-4),
 # v at min(lr, 2e-3), B at lr).
 GRID_KEYS = {"adakron": "adakron16-u8", "adakron-capped": "adakron16-cap", "adakron-half": "adakron16-half",
-             "adakron-down2": "adakron16-down2",
-             "adakron-paper": "adakron16",
-             "adakron-down8": "adakron16-down8", "lora": "lora", "full": "full"}
+             "adakron-down2": "adakron16-down2", "adakron-paper": "adakron16", "adakron-down8": "adakron16-down8",
+             "lora": "lora", "full": "full"}
 
 
 class StopAtTarget(TrainerCallback):

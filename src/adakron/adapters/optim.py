@@ -50,6 +50,11 @@ OUTER_LR_MAX = 4e-3 * OUTER_LR_RATIO
 DOWN, OUTER, UP, HEAD = "adakron_down", "adakron_down_outer", "adakron_up", "head"
 
 
+def _positive_number(value) -> bool:
+    """A real number above 0 and below infinity (not a bool, a string or NaN): what a rate or a ratio must be."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
 @dataclass(frozen=True)
 class FactorRates:
     """Learning rates of the adapter factors, as multiples of the task head's ``lr``: the down-projections (u and
@@ -64,8 +69,7 @@ class FactorRates:
             value = getattr(self, name)
             if name == "outer" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                    or value == float("inf"):
+            if not _positive_number(value):
                 raise ValueError(f"the {name}-projection lr ratio ({value!r}) must be a positive number, e.g. 1.0")
 
 
@@ -146,8 +150,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     if not lr > 0:
         raise ValueError(f"lr ({lr!r}) must be positive, e.g. 1e-3")
     for name, cap in (("down_lr_max", down_lr_max), ("outer_lr_max", outer_lr_max)):
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
-                                or not 0 < cap < float("inf")):
+        if cap is not None and not _positive_number(cap):
             raise ValueError(f"{name} ({cap!r}) must be a positive learning rate, e.g. 2e-3, or None for no cap")
     caps = {DOWN: down_lr_max, OUTER: down_lr_max if outer_lr_max is None else outer_lr_max}
     adapter = _adapter_parameters(model)

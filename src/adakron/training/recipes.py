@@ -58,6 +58,7 @@ CAUSAL_LM_RECIPE = Recipe(1, 4, 256, lr=5e-4)
 METHOD_LR = {"adakron": 4e-3, "adapter": 2e-3, "lora": 2e-3}
 PAPER_LR = 2e-3  # AdaKron with --recipe paper
 CAPPED_LR = 2e-3  # AdaKron with --recipe capped: its MRPC scan's choice (at 4e-3 it is the default)
+RECIPE_LR = {"paper": PAPER_LR, "capped": CAPPED_LR}  # AdaKron's lr under a recipe other than the default
 FULL_LR = 5e-5
 
 
@@ -67,8 +68,8 @@ def default_lr(method: str, recipe: str, task_recipe: Recipe) -> float:
         return FULL_LR
     if task_recipe.lr is not None:
         return task_recipe.lr
-    if method == "adakron" and recipe in ("paper", "capped"):
-        return PAPER_LR if recipe == "paper" else CAPPED_LR
+    if method == "adakron" and recipe in RECIPE_LR:
+        return RECIPE_LR[recipe]
     return METHOD_LR[method]
 
 
