@@ -154,7 +154,8 @@ TWINS = {("glue", "adakron16-half"): (("madakron", "adakron16"),),
          ("glue", "adakron16-down8"): (("recipe", "id-bias1-down8"),),
          ("glue", "adakron16-u8"): (("recipe", "id-bias1-u8-down2"),),
          ("glue", "adakron16-cap"): (("recipe", "id-bias1-capped"),),
-         ("madakron", "adakron16"): (("glue", "adakron16-half"),)}
+         ("madakron", "adakron16"): (("glue", "adakron16-half"),),
+         ("madakron-u8", "adakron16"): (("glue", "adakron16-u8"),)}
 
 
 def twin_pairs() -> list[tuple[tuple[str, str], tuple[str, str]]]:

@@ -5,9 +5,11 @@ with 4 experts, against AdaKron at the same r=16 and the library's default recip
 Every method picks its lr on MRPC (seed 42) from the GLUE grid's lr values, as the GLUE grid does; the epochs,
 data and everything else are the grid's (benchmarks/glue.py). Evaluation, and the reported scores, use the
 merged adapter (MAdaKron's experts averaged), which is a plain AdaKron adapter: the same inference cost.
-Resumable and shareable like glue.py: one JSON per run under benchmarks/results/madakron/.
+Resumable and shareable like glue.py: one JSON per run under benchmarks/results/madakron-u8/ (the library's
+default recipe; the studies on earlier defaults, in madakron/ and madakron-down2/, are rendered beside it).
 
     OMP_NUM_THREADS=1 python benchmarks/madakron.py &      # one worker per idle core
+    OMP_NUM_THREADS=1 python benchmarks/madakron.py --methods madakron16-partial --seeds 42   # a first look
     python benchmarks/madakron.py --render
     python benchmarks/speed.py --models minilm --threads 1 --methods adakron,madakron   # step time and memory
 """
@@ -19,7 +21,7 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from glue import (
@@ -36,53 +38,80 @@ from glue import (
     score,
 )
 
-FOLDER = RESULTS / "madakron"
-# The study as it first ran, to the end, on the default recipe of its time (u, v at lr/2, B at lr): kept and rendered
-# beside the rerun on the current default. Its rows are the same methods, under the same keys.
-PREVIOUS = RESULTS / "madakron-down2"
 TASKS = ("rte", "mrpc", "stsb", "cola")
-# Every row on the recipe the study ran with, the library's default of its time, spelt out so that its keys keep
-# their meaning when the default moves (u, v at lr/4, B at lr/2: the GLUE grid's `adakron16-half`, whose runs
-# AdaKron's row adopts where they exist, glue.TWINS). MAdaKron on a later default is not measured here.
-STUDY_RATES = dict(down_lr_ratio=0.25, up_lr_ratio=0.5)
-METHODS = {m.key: m for m in (
-    Method("adakron16", "adakron", recipe="default", **STUDY_RATES),
-    Method("madakron16-partial", "adakron", recipe="default", num_experts=4, experts="outer", **STUDY_RATES),
-    Method("madakron16-full", "adakron", recipe="default", num_experts=4, experts="both", **STUDY_RATES),
+
+
+@dataclass(frozen=True)
+class Study:
+    """One pass of this comparison on one adapter recipe, spelt out so that its keys keep their meaning when the
+    library's default moves; each study has its own folder under benchmarks/results/ and the same method keys."""
+
+    folder: str
+    recipe: str  # as RESULTS.md names it
+    rates: dict = field(hash=False)
+
+
+# The first is what `python benchmarks/madakron.py` runs; the others ran to the end earlier and are rendered beside it.
+STUDIES = {s.folder: s for s in (
+    # The library's default (u at lr/8, v at lr/2, B at lr up to rank 32): AdaKron's row is the GLUE grid's
+    # `adakron16-u8`, whose runs it adopts (glue.TWINS).
+    Study("madakron-u8", "the library's default recipe (u at lr/8, v at lr/2, B at lr)",
+          dict(down_lr_ratio=0.5, up_lr_ratio=1.0, outer_lr_ratio=0.125)),
+    # The default of its time (the grid's `adakron16-half`).
+    Study("madakron", "the previous default recipe (u, v at lr/4, B at lr/2)",
+          dict(down_lr_ratio=0.25, up_lr_ratio=0.5)),
+    # The default before that (the grid's `adakron16-down2`).
+    Study("madakron-down2", "an earlier default recipe (u, v at lr/2, B at lr), where AdaKron r=16 stuck at the "
+          "majority class on CoLA for seeds 43 and 44", dict(down_lr_ratio=0.5, up_lr_ratio=1.0)),
 )}
-CONSISTENCY = Method("madakron16-partial-cw1", "adakron", recipe="default", num_experts=4, experts="outer",
-                     consistency_weight=1.0, **STUDY_RATES)
+CURRENT = next(iter(STUDIES))
+CONSISTENCY_KEY = "madakron16-partial-cw1"
 CONSISTENCY_TASK = "mrpc"
-PREVIOUS_METHODS = {key: replace(m, down_lr_ratio=0.5, up_lr_ratio=1.0) for key, m in METHODS.items()}
+
+
+def study_methods(folder: str) -> dict[str, Method]:
+    """The study's methods by key: AdaKron, Partial and Full with 4 experts, and Partial with AdaMix's consistency
+    loss (weight 1; MRPC only, at Partial's lr)."""
+    rates = STUDIES[folder].rates
+    return {m.key: m for m in (
+        Method("adakron16", "adakron", recipe="default", **rates),
+        Method("madakron16-partial", "adakron", recipe="default", num_experts=4, experts="outer", **rates),
+        Method("madakron16-full", "adakron", recipe="default", num_experts=4, experts="both", **rates),
+        Method(CONSISTENCY_KEY, "adakron", recipe="default", num_experts=4, experts="outer", consistency_weight=1.0,
+               **rates),
+    )}
+
+
+def _lr_of(key: str, methods: dict[str, Method], folder: Path) -> float | None:
+    # The consistency loss is a change of Partial, measured at Partial's lr.
+    return chosen_lr(methods["madakron16-partial" if key == CONSISTENCY_KEY else key], folder)
 
 
 def run(args) -> None:
-    for method in METHODS.values():  # 1. each method's lr on MRPC
-        for lr in method.lr_grid:
-            run_one("mrpc", method, 42, lr, args, FOLDER)
-    for seed in SEEDS:  # 2. the tasks at the chosen lr, seed by seed
+    folder, methods = RESULTS / args.study, study_methods(args.study)
+    # AdaKron's runs come first: where the GLUE grid has them they are adopted, not trained.
+    chosen = ["adakron16"] + [key for key in args.methods if key != "adakron16"]
+    for key in chosen:  # 1. each method's lr on MRPC
+        for lr in methods[key].lr_grid if key != CONSISTENCY_KEY else ():
+            run_one("mrpc", methods[key], 42, lr, args, folder)
+    for seed in args.seeds:  # 2. the tasks at the chosen lr, seed by seed
         for task in TASKS:
-            for method in METHODS.values():
-                lr = chosen_lr(method, FOLDER)
-                if lr is not None:
-                    run_one(task, method, seed, lr, args, FOLDER)
-        lr = chosen_lr(METHODS["madakron16-partial"], FOLDER)
-        if lr is not None:  # 3. the consistency loss, at Partial's lr
-            run_one(CONSISTENCY_TASK, CONSISTENCY, seed, lr, args, FOLDER)
+            for key in chosen:
+                lr = _lr_of(key, methods, folder)
+                if lr is not None and (key != CONSISTENCY_KEY or task == CONSISTENCY_TASK):
+                    run_one(task, methods[key], seed, lr, args, folder)
 
 
 def section() -> list[str]:
-    lines = ["## MAdaKron against AdaKron (`python benchmarks/madakron.py`)", "",
-             "On the library's default recipe (u, v at lr/4, B at lr/2):", ""]
-    lines += _table(FOLDER)
-    if PREVIOUS.is_dir():
-        lines += ["On the default recipe before it (u, v at lr/2, B at lr; `benchmarks/results/madakron-down2/`), "
-                  "where AdaKron r=16 stuck at the majority class on CoLA for seeds 43 and 44:", ""]
-        lines += _table(PREVIOUS)
+    lines = ["## MAdaKron against AdaKron (`python benchmarks/madakron.py`)", ""]
+    for name, study in STUDIES.items():
+        folder = RESULTS / name
+        if name == CURRENT or folder.is_dir():
+            lines += [f"On {study.recipe}, in `benchmarks/results/{name}/`:", ""] + _table(folder, study_methods(name))
     return lines + ["Epochs: " + ", ".join(f"{TASK_NAMES[t]} {EPOCHS[t]}" for t in TASKS) + ".", ""]
 
 
-def _table(folder: Path) -> list[str]:
+def _table(folder: Path, methods: dict[str, Method]) -> list[str]:
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not results:
         return ["No runs have finished yet.", ""]
@@ -90,9 +119,8 @@ def _table(folder: Path) -> list[str]:
               "finished (their count in brackets); the merged adapter is what is evaluated.", "",
               "| method | lr | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg | avg, seed 42 |",
               "|---" * (len(TASKS) + 4) + "|"]
-    for method in [*METHODS.values(), CONSISTENCY]:
-        base = METHODS["madakron16-partial"] if method is CONSISTENCY else method
-        lr = chosen_lr(base, folder)
+    for method in methods.values():
+        lr = _lr_of(method.key, methods, folder)
         cells, means, first = [], [], []
         for task in TASKS:
             runs = [r for r in results if r["method_key"] == method.key and r["task"] == task
@@ -113,8 +141,18 @@ def _table(folder: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
+    parser.add_argument("--study", choices=list(STUDIES), default=CURRENT,
+                        help=f"which recipe's study to run (default: {CURRENT}, the library's default recipe)")
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(study_methods(CURRENT)),
+                        help="a subset of the method keys (AdaKron's runs always come first)")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     parser.add_argument("--render", action="store_true", help="only print the results table")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(study_methods(CURRENT)))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; methods: {list(study_methods(CURRENT))}")
+    if not set(args.seeds) <= set(SEEDS):
+        parser.error(f"--seeds must be among the grid's seeds {list(SEEDS)}")
     if not args.render:
         full_pass(args, run, "MAdaKron")
     print("\n".join(section()))

@@ -168,8 +168,9 @@ def _resolved(task, method):
 def _study_method(folder, key):
     import madakron
 
-    return {"glue": glue.METHODS, "recipe": recipe.CANDIDATES, "madakron": madakron.METHODS,
-            "madakron-down2": madakron.PREVIOUS_METHODS}[folder][key]
+    if folder in madakron.STUDIES:
+        return madakron.study_methods(folder)[key]
+    return {"glue": glue.METHODS, "recipe": recipe.CANDIDATES}[folder][key]
 
 
 def test_a_grid_adopts_only_twins_that_train_exactly_as_its_own_method_would():
@@ -313,3 +314,36 @@ def test_the_grids_capped_row_trains_at_every_lr_of_its_grid_as_adakron_train_re
         flag = with_recipe(TrainArgs(task="rte", recipe="capped", lr=lr), RECIPES["rte"])
         assert rates(row) == rates(flag), lr
         assert adakron_config(row) == adakron_config(flag)
+
+
+def test_the_madakron_study_runs_on_the_librarys_default_recipe_and_adopts_the_grids_adakron_row():
+    import madakron
+
+    from adakron.adapters.optim import DOWN_LR_RATIO, OUTER_LR_RATIO, UP_LR_RATIO
+
+    current = madakron.study_methods(madakron.CURRENT)
+    assert madakron.STUDIES[madakron.CURRENT].rates == dict(down_lr_ratio=DOWN_LR_RATIO, up_lr_ratio=UP_LR_RATIO,
+                                                          outer_lr_ratio=OUTER_LR_RATIO)
+    assert _resolved("rte", current["adakron16"]) == _resolved("rte", glue.METHODS["adakron16-u8"])
+    assert ((madakron.CURRENT, "adakron16"), ("glue", "adakron16-u8")) in glue.twin_pairs()
+
+
+def test_a_madakron_pass_runs_adakron_then_the_chosen_methods_and_seeds_and_the_consistency_loss_on_mrpc_alone(
+        tmp_path, monkeypatch):
+    import madakron
+
+    calls = []
+    monkeypatch.setattr(madakron, "RESULTS", tmp_path)
+    monkeypatch.setattr(madakron, "run_one", lambda task, method, seed, lr, args, folder: calls.append(
+        (task, method.key, seed, lr, folder.name)))
+    monkeypatch.setattr(madakron, "chosen_lr", lambda method, folder: 2e-3)
+    args = SimpleNamespace(study=madakron.CURRENT, methods=["madakron16-partial", "madakron16-partial-cw1"],
+                           seeds=[42])
+    madakron.run(args)
+    assert [c[1] for c in calls[:4]] == ["adakron16"] * 4 and [c[3] for c in calls[:4]] == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert [c[1] for c in calls[4:8]] == ["madakron16-partial"] * 4
+    assert {c[4] for c in calls} == {"madakron-u8"} and {c[2] for c in calls} == {42}
+    assert {c[0] for c in calls if c[1] == "madakron16-partial-cw1"} == {"mrpc"}
+    assert {(c[0], c[1]) for c in calls[8:]} == {(t, k) for t in madakron.TASKS
+                                                 for k in ("adakron16", "madakron16-partial")} | {
+        ("mrpc", "madakron16-partial-cw1")}
