@@ -89,6 +89,7 @@ def _lr_of(key: str, methods: dict[str, Method], folder: Path) -> float | None:
 
 def run(args) -> None:
     folder, methods = RESULTS / args.study, study_methods(args.study)
+    folder.mkdir(parents=True, exist_ok=True)
     # AdaKron's runs come first: where the GLUE grid has them they are adopted, not trained.
     chosen = ["adakron16"] + [key for key in args.methods if key != "adakron16"]
     for key in chosen:  # 1. each method's lr on MRPC

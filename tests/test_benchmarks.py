@@ -344,6 +344,7 @@ def test_a_madakron_pass_runs_adakron_then_the_chosen_methods_and_seeds_and_the_
     assert [c[1] for c in calls[4:8]] == ["madakron16-partial"] * 4
     assert {c[4] for c in calls} == {"madakron-u8"} and {c[2] for c in calls} == {42}
     assert {c[0] for c in calls if c[1] == "madakron16-partial-cw1"} == {"mrpc"}
+    assert (tmp_path / madakron.CURRENT).is_dir()  # where a first pass files its results
     assert {(c[0], c[1]) for c in calls[8:]} == {(t, k) for t in madakron.TASKS
                                                  for k in ("adakron16", "madakron16-partial")} | {
         ("mrpc", "madakron16-partial-cw1")}
