@@ -83,17 +83,26 @@ def run(method: str, lr: float, args) -> dict:
     scratch = HERE.parent / "runs" / "time_to_accuracy" / method
     stopper = StopAtTarget(args.target)
     print(f"== {method} lr {lr:g}", flush=True)
+    # When the run began and ended, and the machine's load then: which runs shared the cores (a comparison's
+    # sitting) can be read from the files themselves.
+    started, load_before = _now(), os.getloadavg()[0]
     results = fit(train_args(method, lr, args, scratch), callbacks=[stopper])
+    finished, load_after = _now(), os.getloadavg()[0]
     shutil.rmtree(scratch, ignore_errors=True)
     reached = next((point for point in stopper.curve if point["accuracy"] >= args.target), None)
     import torch
 
     return {"method": method, "recipe": _recipe(method), "date": time.strftime("%Y-%m-%d"), "lr": lr,
+            "started": started, "finished": finished, "load_average": [round(load_before, 2), round(load_after, 2)],
             "target": args.target, "eval_steps": args.eval_steps,
             "seed": args.seed, "threads": torch.get_num_threads(), "trainable_params": results["trainable_params"],
             "reached": reached, "curve": stopper.curve,
             # The run's resolved settings (the factor rates among them): "recipe" names a recipe whose values move.
             "hyperparameters": results["hyperparameters"]}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _recipe(method: str) -> str | None:
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--again", action="store_true",
-                        help="measure again beside the stored results (a new file each), e.g. to compare in one sitting")
+                        help="measure again beside the stored results (a new file each), e.g. to compare in one "
+                        "sitting")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(GRID_KEYS))

@@ -207,6 +207,20 @@ def test_measuring_time_to_accuracy_again_files_a_new_result_beside_the_stored_o
     assert time_to_accuracy.result_path("adakron", 2e-3, args).name.endswith("-3.json")
 
 
+def test_a_time_to_accuracy_result_says_when_it_ran_and_how_loaded_the_machine_was(tmp_path, monkeypatch):
+    import time_to_accuracy
+
+    import adakron.training.trainer as trainer
+
+    monkeypatch.setattr(time_to_accuracy, "HERE", tmp_path / "benchmarks")
+    monkeypatch.setattr(trainer, "fit", lambda args, callbacks: {"trainable_params": 1, "hyperparameters": {}})
+    result = time_to_accuracy.run("adakron", 4e-3, SimpleNamespace(data_dir="d", seed=42, eval_steps=100,
+                                                                    target=0.85))
+    assert result["started"] <= result["finished"] and result["started"].endswith("Z")  # ISO 8601, UTC
+    assert len(result["load_average"]) == 2 and all(load >= 0 for load in result["load_average"])
+    assert result["reached"] is None and result["curve"] == []  # the fake run evaluated nothing
+
+
 def test_time_to_accuracy_trains_each_method_with_its_grid_rows_adapter():
     import time_to_accuracy
 
