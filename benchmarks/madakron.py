@@ -134,7 +134,7 @@ def _table(folder: Path, methods: dict[str, Method]) -> list[str]:
         avg = f"{statistics.mean(means):.1f}" if len(means) == len(TASKS) else "–"
         # The same seed for every method, while the seeds of the mean above differ from row to row.
         avg42 = f"{statistics.mean(first):.1f}" if len(first) == len(TASKS) else "–"
-        lines.append(f"| `{method.key}` | {lr if lr is None else f'{lr:g}'} | " + " | ".join(cells)
+        lines.append(f"| `{method.key}` | {'–' if lr is None else f'{lr:g}'} | " + " | ".join(cells)
                      + f" | {avg} | {avg42} |")
     return lines + [""]
 
