@@ -379,11 +379,22 @@ def load_results(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
+def grid_seeds(text: str) -> list[int]:
+    """``--seeds 42,43``: some of the grid's seeds (glue.py's and its sibling grids' flag)."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        seeds = None
+    if seeds is None or not set(seeds) <= set(SEEDS):
+        raise argparse.ArgumentTypeError(f"must be among the grid's seeds {list(SEEDS)}, e.g. 42,43")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
+    parser.add_argument("--seeds", type=grid_seeds, default=list(SEEDS))
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", DEFAULT_DATA)))
     parser.add_argument("--quick", action="store_true", help="128 rows, 1 epoch per run: a smoke check")
     parser.add_argument("--no-ablations", dest="ablations", action="store_false")
@@ -392,8 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.tasks) - set(TASKS))
     if unknown:
         parser.error(f"unknown methods/tasks {unknown}; methods: {list(METHODS)}, tasks: {list(TASKS)}")
-    if not set(args.seeds) <= set(SEEDS):
-        parser.error(f"--seeds must be among the grid's seeds {list(SEEDS)}")
     if not args.render:
         if not (args.data_dir / "RTE").is_dir():
             print(f"GLUE data not found in {args.data_dir}; pass --data-dir or set GLUE_DIR. Nothing to run.")
